@@ -1,0 +1,180 @@
+"""SCAN clustering training (SCAN step 3, Van Gansbeke et al. 2020, §3.2)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scan_core.config import ScanConfig, resolve_device
+from scan_core.losses import SCANLoss, entropy
+from scan_core.models import ClusteringModel
+from scan_core.training import EpochLog, EpochTimer, ProgressCallback, iterate_batches, seed_everything
+from scan_core.transforms import IdentityTransform, StrongTransform, WeakTransform
+
+logger = logging.getLogger(__name__)
+
+#: Optional per-epoch quality probe: ``(predictions of the held-out images) -> metrics``.
+ValidationProbe = Callable[[np.ndarray, np.ndarray], dict[str, float]]
+
+
+@dataclass
+class ScanResult:
+    """The trained clustering model (best head kept), the head choice and the history."""
+
+    model: ClusteringModel
+    best_head: int
+    head_losses: list[float]
+    history: list[EpochLog]
+    val_indices: np.ndarray
+
+
+def split_validation(n: int, fraction: float, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random (train, held-out) index split; the held-out part has at least 2 images."""
+    order = torch.randperm(n, generator=generator).numpy()
+    n_val = min(max(2, round(n * fraction)), n - 2)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def scan_validation_losses(
+    model: ClusteringModel,
+    images: torch.Tensor,
+    neighbors: np.ndarray,
+    val_indices: np.ndarray,
+    entropy_weight: float,
+    device: str,
+    batch_size: int = 1024,
+) -> tuple[list[float], np.ndarray]:
+    """SCAN loss per head on held-out anchors and all their neighbours, without augmentation.
+
+    The consistency term averages ``-log <p(x), p(n)>`` over every (anchor, neighbour) pair; the
+    entropy term uses the mean prediction over the held-out set. Returns losses per head and the
+    held-out argmax predictions of every head ``(H, n_val)``.
+    """
+    view = IdentityTransform()
+    model.eval()
+
+    def probs(indices: np.ndarray) -> torch.Tensor:
+        out = []
+        with torch.inference_mode():
+            for s in range(0, len(indices), batch_size):
+                x = view(images[torch.as_tensor(indices[s : s + batch_size])].to(device))
+                out.append(F.softmax(model(x.contiguous(memory_format=torch.channels_last)), dim=2))
+        return torch.cat(out, dim=1)  # (H, n, C)
+
+    p_anchor = probs(val_indices)
+    nbr = neighbors[val_indices]  # (n_val, K)
+    unique, inverse = np.unique(nbr, return_inverse=True)
+    p_unique = probs(unique)
+    p_nbr = p_unique[:, torch.as_tensor(inverse.reshape(nbr.shape))]  # (H, n_val, K, C)
+    similarity = (p_anchor.unsqueeze(2) * p_nbr).sum(-1).clamp_min(1e-8)
+    consistency = -torch.log(similarity).mean(dim=(1, 2))
+    ent = entropy(p_anchor.mean(dim=1), dim=-1)
+    losses = consistency - entropy_weight * ent
+    return [float(v) for v in losses], p_anchor.argmax(dim=2).cpu().numpy()
+
+
+def train_scan(
+    images: torch.Tensor,
+    neighbors: np.ndarray,
+    backbone: nn.Module,
+    config: ScanConfig,
+    progress: ProgressCallback | None = None,
+    probe: ValidationProbe | None = None,
+    init_model: ClusteringModel | None = None,
+) -> ScanResult:
+    """Train cluster heads with the SCAN loss on uint8 images ``(N, C, H, W)``.
+
+    Each step takes a batch of anchors and one random mined neighbour of each, both augmented
+    (``config.augment``: SCAN's strong augmentation by default, as in the official code), and
+    minimises :class:`SCANLoss` summed over the heads. A random ``config.val_fraction`` of the
+    images is held out; after training the head with the lowest held-out SCAN loss is kept.
+
+    Args:
+        images: uint8 ``(N, C, H, W)``.
+        neighbors: ``(N, K)`` mined neighbour indices (:func:`scan_core.neighbors.mine_neighbors`).
+        backbone: The pretext backbone; it is copied, never modified.
+        config: Settings (official defaults in :class:`ScanConfig`).
+        progress: Called after every epoch.
+        probe: Optional ``(val_indices, val_predictions_of_best_head) -> metrics`` merged into the
+            epoch report (used by benchmarks to track accuracy when labels are known).
+        init_model: Warm start from an earlier clustering model with the same number of clusters.
+    """
+    n = images.shape[0]
+    if neighbors.ndim != 2 or neighbors.shape[0] != n:
+        raise ValueError(f"neighbors must be (N, K) with N = {n}, got {neighbors.shape}")
+    if config.num_clusters > n:
+        raise ValueError(f"cannot form {config.num_clusters} clusters from {n} images")
+    device = resolve_device(config.device)
+    generator = seed_everything(config.seed)
+    if init_model is not None:
+        model = copy.deepcopy(init_model)
+    else:
+        model = ClusteringModel(copy.deepcopy(backbone), config.num_clusters, config.num_heads)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    if not config.update_backbone:
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    augment: nn.Module = StrongTransform() if config.augment == "strong" else WeakTransform()
+    criterion = SCANLoss(config.entropy_weight)
+    train_idx, val_idx = split_validation(n, config.val_fraction, generator)
+    neighbors_t = torch.as_tensor(neighbors, dtype=torch.long)
+    k = neighbors.shape[1]
+    batch_size = min(config.batch_size, len(train_idx))
+    timer = EpochTimer("scan", config.epochs, progress)
+    head_losses: list[float] = []
+    for epoch in range(config.epochs):
+        timer.start()
+        model.train()
+        if not config.update_backbone:
+            model.backbone.eval()
+        sums = np.zeros(3)
+        steps = 0
+        for batch in iterate_batches(len(train_idx), batch_size, generator):
+            anchors = torch.as_tensor(train_idx)[batch]
+            pick = torch.randint(k, (len(anchors),), generator=generator)
+            nbrs = neighbors_t[anchors, pick]
+            x = torch.cat([images[anchors], images[nbrs]]).to(device, non_blocking=True)
+            x = augment(x, generator).contiguous(memory_format=torch.channels_last)
+            logits = model(x)  # (H, 2B, C)
+            total = torch.zeros((), device=device)
+            parts = torch.zeros(2)
+            for head_logits in logits:
+                loss, consistency, ent = criterion(head_logits[: len(anchors)],
+                                                   head_logits[len(anchors) :])
+                total = total + loss
+                parts += torch.stack([consistency.detach().cpu(), ent.detach().cpu()])
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            sums += np.array([float(total.detach()) / len(logits), *(parts / len(logits)).tolist()])
+            steps += 1
+        head_losses, val_pred = scan_validation_losses(model, images, neighbors, val_idx,
+                                                       config.entropy_weight, device)
+        best = int(np.argmin(head_losses))
+        metrics = {
+            "loss": sums[0] / max(steps, 1),
+            "consistency": sums[1] / max(steps, 1),
+            "entropy": sums[2] / max(steps, 1),
+            "val_loss": head_losses[best],
+            "best_head": float(best),
+        }
+        if probe is not None:
+            metrics.update(probe(val_idx, val_pred[best]))
+        timer.done(epoch + 1, metrics)
+    best = int(np.argmin(head_losses))
+    model.keep_head(best)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return ScanResult(model=model.cpu().to(memory_format=torch.contiguous_format),
+                      best_head=best, head_losses=head_losses, history=timer.history,
+                      val_indices=val_idx)

@@ -1,0 +1,27 @@
+"""Networks: backbones, heads, and the pretext / clustering models built from them."""
+
+from scan_core.models.backbones import (
+    ResNetCifarBackbone,
+    SmallCNNBackbone,
+    TorchvisionResNetBackbone,
+    build_backbone,
+)
+from scan_core.models.heads import (
+    ClusterHeads,
+    ClusteringModel,
+    PretextModel,
+    RotNetHead,
+    SimCLRProjectionHead,
+)
+
+__all__ = [
+    "ClusterHeads",
+    "ClusteringModel",
+    "PretextModel",
+    "ResNetCifarBackbone",
+    "RotNetHead",
+    "SimCLRProjectionHead",
+    "SmallCNNBackbone",
+    "TorchvisionResNetBackbone",
+    "build_backbone",
+]

@@ -1,0 +1,103 @@
+"""Pretext training (SCAN step 1): SimCLR by default, RotNet as the paper's alternative."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from scan_core.config import PretextConfig, resolve_device
+from scan_core.losses import NTXentLoss, RotNetLoss
+from scan_core.models import PretextModel, RotNetHead, SimCLRProjectionHead, build_backbone
+from scan_core.training import (
+    EpochLog,
+    EpochTimer,
+    ProgressCallback,
+    cosine_lr,
+    iterate_batches,
+    seed_everything,
+    set_lr,
+)
+from scan_core.transforms import SimCLRTransform, WeakTransform
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PretextResult:
+    """The trained pretext model and its per-epoch history."""
+
+    model: PretextModel
+    history: list[EpochLog]
+
+
+def build_pretext_model(config: PretextConfig, in_channels: int) -> PretextModel:
+    """A randomly initialised pretext model (backbone + SimCLR or RotNet head) for ``config``."""
+    backbone = build_backbone(config.backbone, in_channels)
+    head: nn.Module
+    if config.method == "simclr":
+        head = SimCLRProjectionHead(int(backbone.out_dim), config.feature_dim)
+    else:
+        head = RotNetHead(int(backbone.out_dim))
+    return PretextModel(backbone, head)
+
+
+def rotate_batch(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack the 0/90/180/270-degree rotations of a batch: ``(B, C, H, W)`` -> ``(4B, ...)``, labels."""
+    rotated = torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])
+    labels = torch.arange(4, device=images.device).repeat_interleave(images.shape[0])
+    return rotated, labels
+
+
+def train_pretext(
+    images: torch.Tensor,
+    config: PretextConfig,
+    progress: ProgressCallback | None = None,
+) -> PretextResult:
+    """Train the pretext model on uint8 images ``(N, C, H, W)``.
+
+    SimCLR: two :class:`SimCLRTransform` views per image, NT-Xent loss. RotNet: a weakly augmented
+    image in its four rotations, cross-entropy on the rotation. SGD with momentum and a cosine
+    schedule (official settings in :class:`PretextConfig`).
+    """
+    if images.dim() != 4 or images.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+    if images.shape[0] < 2:
+        raise ValueError(f"pretext training needs at least 2 images, got {images.shape[0]}")
+    device = resolve_device(config.device)
+    generator = seed_everything(config.seed)
+    model = build_pretext_model(config, images.shape[1]).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    batch_size = min(config.batch_size, images.shape[0])
+    simclr = SimCLRTransform(crop_scale_min=config.crop_scale_min, jitter=config.color_jitter)
+    weak = WeakTransform()
+    ntxent, rotnet = NTXentLoss(config.temperature), RotNetLoss()
+    timer = EpochTimer("pretext", config.epochs, progress)
+    for epoch in range(config.epochs):
+        timer.start()
+        lr = cosine_lr(config.lr, epoch, config.epochs)
+        set_lr(optimizer, lr)
+        model.train()
+        total, steps = 0.0, 0
+        for idx in iterate_batches(images.shape[0], batch_size, generator):
+            x = images[idx].to(device, non_blocking=True)
+            if config.method == "simclr":
+                views = torch.cat([simclr(x, generator), simclr(x, generator)])
+                z = model(views.contiguous(memory_format=torch.channels_last))
+                loss = ntxent(z[: len(idx)], z[len(idx) :])
+            else:
+                rotated, labels = rotate_batch(weak(x, generator))
+                loss = rotnet(model(rotated.contiguous(memory_format=torch.channels_last)), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+            steps += 1
+        timer.done(epoch + 1, {"loss": total / max(steps, 1), "lr": lr})
+    model.eval()
+    return PretextResult(model=model.cpu().to(memory_format=torch.contiguous_format),
+                         history=timer.history)

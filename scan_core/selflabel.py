@@ -1,0 +1,113 @@
+"""Self-labeling (SCAN step 4, Van Gansbeke et al. 2020, §3.3)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from scan_core.config import SelfLabelConfig, resolve_device
+from scan_core.clustering import ValidationProbe
+from scan_core.inference import predict_probabilities
+from scan_core.losses import ConfidenceBasedCE
+from scan_core.models import ClusteringModel
+from scan_core.training import EpochLog, EpochTimer, ProgressCallback, iterate_batches, seed_everything
+from scan_core.transforms import IdentityTransform, StrongTransform
+
+logger = logging.getLogger(__name__)
+
+
+class NoConfidentSamplesError(ValueError):
+    """No image passes the self-labeling confidence threshold."""
+
+
+@dataclass
+class SelfLabelResult:
+    """The fine-tuned model (the epoch with the most confident images) and the history."""
+
+    model: ClusteringModel
+    history: list[EpochLog]
+    confident_counts: list[int]
+
+
+def count_confident(model: ClusteringModel, images: torch.Tensor, threshold: float,
+                    device: str) -> tuple[int, np.ndarray]:
+    """How many images the model predicts with max probability above ``threshold``; the argmaxes."""
+    probs = predict_probabilities(model, images, device=device)
+    return int((probs.max(axis=1) > threshold).sum()), probs.argmax(axis=1)
+
+
+def train_selflabel(
+    images: torch.Tensor,
+    model: ClusteringModel,
+    config: SelfLabelConfig,
+    progress: ProgressCallback | None = None,
+    probe: ValidationProbe | None = None,
+) -> SelfLabelResult:
+    """Fine-tune a one-head clustering model on its own confident predictions.
+
+    Pseudo-labels come from the un-augmented image (as in the official code), the loss is
+    :class:`ConfidenceBasedCE` on a :class:`StrongTransform` view. Training stops when the number
+    of confident images has not grown for ``config.patience`` epochs; the model of the epoch with
+    the most confident images is returned.
+
+    Raises:
+        NoConfidentSamplesError: if no image passes the threshold before training.
+    """
+    device = resolve_device(config.device)
+    generator = seed_everything(config.seed)
+    model = copy.deepcopy(model).to(device).to(memory_format=torch.channels_last)
+    n_confident, predictions = count_confident(model, images, config.threshold, device)
+    if n_confident == 0:
+        raise NoConfidentSamplesError(
+            f"No image is predicted with confidence above {config.threshold}: lower "
+            "selflabel.threshold or train the SCAN step for more epochs."
+        )
+    logger.info("self-labeling starts with %d/%d confident images", n_confident, images.shape[0])
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    criterion = ConfidenceBasedCE(config.threshold, config.class_balance)
+    weak, strong = IdentityTransform(), StrongTransform()
+    batch_size = min(config.batch_size, images.shape[0])
+    timer = EpochTimer("selflabel", config.epochs, progress)
+    counts = [n_confident]
+    best_state = copy.deepcopy(model.state_dict())
+    best_count, since_best = n_confident, 0
+    all_idx = np.arange(images.shape[0])
+    for epoch in range(config.epochs):
+        timer.start()
+        model.train()
+        loss_sum, steps = 0.0, 0
+        for idx in iterate_batches(images.shape[0], batch_size, generator):
+            x = images[idx].to(device, non_blocking=True)
+            with torch.no_grad():
+                weak_logits = model(weak(x).contiguous(memory_format=torch.channels_last))[0]
+            strong_logits = model(strong(x, generator).contiguous(memory_format=torch.channels_last))[0]
+            if not bool((weak_logits.softmax(1).max(1).values > config.threshold).any()):
+                continue
+            loss, _ = criterion(weak_logits, strong_logits)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach())
+            steps += 1
+        n_confident, predictions = count_confident(model, images, config.threshold, device)
+        counts.append(n_confident)
+        metrics = {"loss": loss_sum / max(steps, 1), "confident": float(n_confident),
+                   "confident_fraction": n_confident / images.shape[0]}
+        if probe is not None:
+            metrics.update(probe(all_idx, predictions))
+        timer.done(epoch + 1, metrics)
+        if n_confident > best_count:
+            best_count, since_best = n_confident, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            since_best += 1
+            if since_best >= config.patience:
+                logger.info("confident count stopped growing at %d; stopping", best_count)
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    return SelfLabelResult(model=model.cpu(), history=timer.history, confident_counts=counts)

@@ -1,0 +1,416 @@
+"""Batched augmentations: SimCLR views, the weak view and SCAN's strong augmentation.
+
+Each transform works on a whole batch of uint8 images ``(B, C, H, W)`` on any device and draws
+independent random parameters per image, so augmentation costs a few tensor ops per batch instead
+of a Python loop per image (this matters on a 2-core CPU, where per-image PIL pipelines cost as
+much as the training step). As in torchvision transforms v2, the random part (``make_params``) is
+split from deterministic kernels (the module-level functions below, each taking per-image
+parameters), which are unit-tested on their own; torchvision's own kernels are used where they
+accept a batch (``autocontrast``, ``equalize``).
+
+All transforms return float images normalised with :func:`normalize`, shape ``(B, C, H, W)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from torch import nn
+
+MEAN = 0.5
+STD = 0.25
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(B, C, H, W)`` in [0, 255] -> float32 in [0, 1] (floats pass through)."""
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] -> the network's input scale ``(x - 0.5) / 0.25``."""
+    return (images - MEAN) / STD
+
+
+def grayscale(images: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601-2 luma of RGB images, kept as ``(B, 1, H, W)``; single-channel images unchanged."""
+    if images.shape[1] == 1:
+        return images
+    r, g, b = images.unbind(dim=1)
+    return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def _per_image(values: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    return values.to(images.device, images.dtype).view(-1, 1, 1, 1)
+
+
+def blend(images: torch.Tensor, other: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """``factor * images + (1 - factor) * other`` per image, clamped to [0, 1] (PIL ImageEnhance)."""
+    f = _per_image(factors, images)
+    return (f * images + (1 - f) * other).clamp_(0, 1)
+
+
+def adjust_brightness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Blend with black: factor 0 gives black, 1 the original."""
+    return blend(images, torch.zeros_like(images), factors)
+
+
+def adjust_contrast(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Blend with the image's mean grey level: factor 0 gives flat grey, 1 the original."""
+    mean = grayscale(images).mean(dim=(1, 2, 3), keepdim=True)
+    return blend(images, mean.expand_as(images), factors)
+
+
+def adjust_saturation(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Blend with the grey version: factor 0 gives greyscale. No-op on single-channel images."""
+    if images.shape[1] == 1:
+        return images
+    return blend(images, grayscale(images).expand_as(images), factors)
+
+
+def adjust_hue(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by ``shift`` in [-0.5, 0.5] per image (torchvision kernel). No-op for 1 channel."""
+    if images.shape[1] == 1:
+        return images
+    return torch.stack([TF.adjust_hue(img, float(s)) for img, s in zip(images, shifts, strict=True)])
+
+
+def adjust_sharpness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Blend with a smoothed copy (PIL's 3x3 SMOOTH kernel, borders kept): 0 blurs, 1 is identity."""
+    c = images.shape[1]
+    kernel = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], device=images.device)
+    kernel = (kernel / kernel.sum()).expand(c, 1, 3, 3)
+    smooth = F.conv2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), kernel, groups=c)
+    smooth[..., 0, :], smooth[..., -1, :] = images[..., 0, :], images[..., -1, :]
+    smooth[..., :, 0], smooth[..., :, -1] = images[..., :, 0], images[..., :, -1]
+    return blend(images, smooth, factors)
+
+
+def solarize(images: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Invert every pixel at or above the per-image threshold (in [0, 1])."""
+    t = _per_image(thresholds, images)
+    return torch.where(images >= t, 1.0 - images, images)
+
+
+def posterize(images: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """Keep the top ``bits`` (1..8) bits of each 8-bit channel value, per image."""
+    as_uint8 = (images * 255).round().to(torch.int32)
+    masks = (0xFF << (8 - bits.to(torch.int32))) & 0xFF
+    return (as_uint8 & masks.to(images.device).view(-1, 1, 1, 1)).float() / 255.0
+
+
+def autocontrast(images: torch.Tensor) -> torch.Tensor:
+    """Stretch each channel to the full [0, 1] range (torchvision kernel)."""
+    return TF.autocontrast(images)
+
+
+def equalize(images: torch.Tensor) -> torch.Tensor:
+    """Histogram-equalise each channel (torchvision kernel, on the 8-bit values)."""
+    as_uint8 = (images * 255).round().to(torch.uint8)
+    return TF.equalize(as_uint8).float() / 255.0
+
+
+def affine(images: torch.Tensor, theta: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """Warp by per-image affine maps ``theta (B, 2, 3)`` in normalised output->input coordinates.
+
+    Pixels sampled from outside the image get ``fill``. Bilinear interpolation.
+    """
+    grid = F.affine_grid(theta.to(images), list(images.shape), align_corners=False)
+    shifted = images - fill
+    return F.grid_sample(shifted, grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False) + fill
+
+
+def geometric_theta(
+    angle_deg: torch.Tensor | None = None,
+    shear: tuple[torch.Tensor, torch.Tensor] | None = None,
+    translate: tuple[torch.Tensor, torch.Tensor] | None = None,
+    batch: int | None = None,
+) -> torch.Tensor:
+    """Build ``(B, 2, 3)`` affine maps for rotation (degrees), shear (x, y) and translation.
+
+    Translation is a fraction of the image size (positive moves the content right / down).
+    """
+    tensors = [t for t in (angle_deg, *(shear or ()), *(translate or ())) if t is not None]
+    n = batch if batch is not None else tensors[0].shape[0]
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = 1
+    theta[:, 1, 1] = 1
+    if angle_deg is not None:
+        a = angle_deg * math.pi / 180
+        theta[:, 0, 0], theta[:, 0, 1] = torch.cos(a), -torch.sin(a)
+        theta[:, 1, 0], theta[:, 1, 1] = torch.sin(a), torch.cos(a)
+    if shear is not None:
+        theta[:, 0, 1] += shear[0]
+        theta[:, 1, 0] += shear[1]
+    if translate is not None:
+        theta[:, 0, 2] = -2 * translate[0]
+        theta[:, 1, 2] = -2 * translate[1]
+    return theta
+
+
+def resized_crop(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Crop per-image boxes and resize them back to the input size, optionally flipping.
+
+    Args:
+        images: ``(B, C, H, W)`` float.
+        boxes: ``(B, 4)`` as ``(x0, y0, w, h)`` fractions of the image.
+        flip: ``(B,)`` bool, flip horizontally.
+    """
+    x0, y0, w, h = boxes.unbind(dim=1)
+    sign = 1.0 - 2.0 * flip.float()
+    theta = torch.zeros(images.shape[0], 2, 3)
+    theta[:, 0, 0] = w * sign
+    theta[:, 1, 1] = h
+    theta[:, 0, 2] = 2 * x0 + w - 1
+    theta[:, 1, 2] = 2 * y0 + h - 1
+    grid = F.affine_grid(theta.to(images), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def cutout(images: torch.Tensor, centers: torch.Tensor, length: int, fill: float = 0.5) -> torch.Tensor:
+    """Fill a ``length`` x ``length`` square (clipped at the borders) around per-image centres.
+
+    ``centers`` is ``(B, 2)`` integer ``(y, x)`` pixel positions.
+    """
+    _, _, h, w = images.shape
+    ys = torch.arange(h, device=images.device).view(1, h, 1)
+    xs = torch.arange(w, device=images.device).view(1, 1, w)
+    cy = centers[:, 0].to(images.device).view(-1, 1, 1)
+    cx = centers[:, 1].to(images.device).view(-1, 1, 1)
+    half = length // 2
+    inside = (ys >= cy - half) & (ys < cy - half + length) & (xs >= cx - half) & (xs < cx - half + length)
+    return images.masked_fill(inside.unsqueeze(1), fill)
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def _uniform(n: int, low: float, high: float, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(n, generator=generator) * (high - low) + low
+
+
+def sample_crop_boxes(
+    n: int,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """RandomResizedCrop boxes ``(n, 4)`` = ``(x0, y0, w, h)`` as fractions of the image.
+
+    Area fraction ~ U(scale), log aspect ratio ~ U(log ratio); boxes that do not fit are shrunk to
+    fit (torchvision retries instead; the distributions differ only at the extremes).
+    """
+    area = _uniform(n, scale[0], scale[1], generator)
+    log_r = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), generator)
+    r = torch.exp(log_r)
+    w = torch.sqrt(area * r).clamp(max=1.0)
+    h = torch.sqrt(area / r).clamp(max=1.0)
+    x0 = torch.rand(n, generator=generator) * (1 - w)
+    y0 = torch.rand(n, generator=generator) * (1 - h)
+    return torch.stack([x0, y0, w, h], dim=1)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+class SimCLRTransform(nn.Module):
+    """One SimCLR view (Chen et al. 2020, Appendix A; SCAN's CIFAR settings).
+
+    RandomResizedCrop(scale=(crop_scale_min, 1)), horizontal flip p 0.5, ColorJitter(jitter,
+    jitter, jitter, hue) with probability ``jitter_p``, random grayscale p ``grayscale_p``.
+    Call twice on the same batch for the two views.
+    """
+
+    def __init__(
+        self,
+        crop_scale_min: float = 0.2,
+        jitter: float = 0.4,
+        hue: float = 0.1,
+        jitter_p: float = 0.8,
+        grayscale_p: float = 0.2,
+        flip_p: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if not 0 < crop_scale_min <= 1:
+            raise ValueError(f"crop_scale_min must be in (0, 1], got {crop_scale_min}")
+        for name, p in (("jitter_p", jitter_p), ("grayscale_p", grayscale_p), ("flip_p", flip_p)):
+            if not 0 <= p <= 1:
+                raise ValueError(f"{name} must be a probability, got {p}")
+        if not 0 <= jitter <= 1 or not 0 <= hue <= 0.5:
+            raise ValueError(f"jitter must be in [0, 1] and hue in [0, 0.5], got {jitter}, {hue}")
+        self.crop_scale_min = crop_scale_min
+        self.jitter, self.hue = jitter, hue
+        self.jitter_p, self.grayscale_p, self.flip_p = jitter_p, grayscale_p, flip_p
+
+    def make_params(self, n: int, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        j = self.jitter
+        return {
+            "boxes": sample_crop_boxes(n, (self.crop_scale_min, 1.0), generator=generator),
+            "flip": torch.rand(n, generator=generator) < self.flip_p,
+            "jitter": torch.rand(n, generator=generator) < self.jitter_p,
+            "brightness": _uniform(n, 1 - j, 1 + j, generator),
+            "contrast": _uniform(n, 1 - j, 1 + j, generator),
+            "saturation": _uniform(n, 1 - j, 1 + j, generator),
+            "hue": _uniform(n, -self.hue, self.hue, generator),
+            "gray": torch.rand(n, generator=generator) < self.grayscale_p,
+        }
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = to_float(images)
+        p = self.make_params(x.shape[0], generator)
+        x = resized_crop(x, p["boxes"], p["flip"])
+        on = p["jitter"].to(x.device).view(-1, 1, 1, 1)
+        jittered = adjust_brightness(x, p["brightness"])
+        jittered = adjust_contrast(jittered, p["contrast"])
+        jittered = adjust_saturation(jittered, p["saturation"])
+        if self.hue > 0 and x.shape[1] == 3:
+            jittered = adjust_hue(jittered, p["hue"])
+        x = torch.where(on, jittered, x)
+        if x.shape[1] == 3:
+            gray = p["gray"].to(x.device).view(-1, 1, 1, 1)
+            x = torch.where(gray, grayscale(x).expand_as(x), x)
+        return normalize(x)
+
+
+class WeakTransform(nn.Module):
+    """The weak view: horizontal flip and a mild random crop (scale ``crop_scale_min``..1)."""
+
+    def __init__(self, crop_scale_min: float = 0.8, flip_p: float = 0.5) -> None:
+        super().__init__()
+        if not 0 < crop_scale_min <= 1:
+            raise ValueError(f"crop_scale_min must be in (0, 1], got {crop_scale_min}")
+        self.crop_scale_min, self.flip_p = crop_scale_min, flip_p
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = to_float(images)
+        n = x.shape[0]
+        boxes = sample_crop_boxes(n, (self.crop_scale_min, 1.0), (0.9, 1 / 0.9), generator)
+        flip = torch.rand(n, generator=generator) < self.flip_p
+        return normalize(resized_crop(x, boxes, flip))
+
+
+class IdentityTransform(nn.Module):
+    """No augmentation: the evaluation view (uint8 -> normalised float)."""
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return normalize(to_float(images))
+
+
+#: The 14 operations of SCAN's strong augmentation with their magnitude ranges (official code).
+STRONG_OPS: tuple[tuple[str, float, float], ...] = (
+    ("identity", 0.0, 1.0),
+    ("autocontrast", 0.0, 1.0),
+    ("equalize", 0.0, 1.0),
+    ("rotate", -30.0, 30.0),
+    ("solarize", 0.0, 1.0),
+    ("color", 0.05, 0.95),
+    ("posterize", 4.0, 8.0),
+    ("contrast", 0.05, 0.95),
+    ("brightness", 0.05, 0.95),
+    ("sharpness", 0.05, 0.95),
+    ("shear_x", -0.1, 0.1),
+    ("shear_y", -0.1, 0.1),
+    ("translate_x", -0.1, 0.1),
+    ("translate_y", -0.1, 0.1),
+)
+
+
+def apply_strong_op(images: torch.Tensor, op: str, magnitudes: torch.Tensor) -> torch.Tensor:
+    """Apply one of :data:`STRONG_OPS` with per-image magnitudes to float images in [0, 1]."""
+    zero = torch.zeros_like(magnitudes)
+    if op == "identity":
+        return images
+    if op == "autocontrast":
+        return autocontrast(images)
+    if op == "equalize":
+        return equalize(images)
+    if op == "rotate":
+        return affine(images, geometric_theta(angle_deg=magnitudes))
+    if op == "solarize":
+        return solarize(images, magnitudes)
+    if op == "color":
+        return adjust_saturation(images, magnitudes)
+    if op == "posterize":
+        return posterize(images, magnitudes.round())
+    if op == "contrast":
+        return adjust_contrast(images, magnitudes)
+    if op == "brightness":
+        return adjust_brightness(images, magnitudes)
+    if op == "sharpness":
+        return adjust_sharpness(images, magnitudes)
+    if op == "shear_x":
+        return affine(images, geometric_theta(shear=(magnitudes, zero)))
+    if op == "shear_y":
+        return affine(images, geometric_theta(shear=(zero, magnitudes)))
+    if op == "translate_x":
+        return affine(images, geometric_theta(translate=(magnitudes, zero)))
+    if op == "translate_y":
+        return affine(images, geometric_theta(translate=(zero, magnitudes)))
+    raise ValueError(f"Unknown strong augmentation op '{op}'.")
+
+
+@dataclass(frozen=True)
+class StrongParams:
+    """Random parameters of :class:`StrongTransform` for one batch."""
+
+    boxes: torch.Tensor
+    flip: torch.Tensor
+    ops: torch.Tensor  # (B, num_ops) indices into STRONG_OPS
+    magnitudes: torch.Tensor  # (B, num_ops) in each op's range
+    cutout_centers: torch.Tensor  # (B, 2)
+
+
+class StrongTransform(nn.Module):
+    """SCAN's strong augmentation (Van Gansbeke et al. 2020, §3.3 and official code).
+
+    Horizontal flip, random crop, then ``num_ops`` operations drawn with replacement from the 14
+    of :data:`STRONG_OPS`, each with a magnitude drawn uniformly from its range, then Cutout of a
+    ``cutout_fraction * size`` square (official: 16 px on 32 px CIFAR images, i.e. 0.5).
+    """
+
+    def __init__(self, num_ops: int = 4, cutout_fraction: float = 0.5,
+                 crop_scale_min: float = 0.8) -> None:
+        super().__init__()
+        if num_ops < 0:
+            raise ValueError(f"num_ops must be >= 0, got {num_ops}")
+        if not 0 <= cutout_fraction <= 1:
+            raise ValueError(f"cutout_fraction must be in [0, 1], got {cutout_fraction}")
+        self.num_ops, self.cutout_fraction, self.crop_scale_min = num_ops, cutout_fraction, crop_scale_min
+
+    def make_params(self, n: int, height: int, width: int,
+                    generator: torch.Generator | None) -> StrongParams:
+        ops = torch.randint(len(STRONG_OPS), (n, self.num_ops), generator=generator)
+        low = torch.tensor([lo for _, lo, _ in STRONG_OPS])[ops]
+        high = torch.tensor([hi for _, _, hi in STRONG_OPS])[ops]
+        magnitudes = low + (high - low) * torch.rand(n, self.num_ops, generator=generator)
+        centers = torch.stack([torch.randint(height, (n,), generator=generator),
+                               torch.randint(width, (n,), generator=generator)], dim=1)
+        return StrongParams(
+            boxes=sample_crop_boxes(n, (self.crop_scale_min, 1.0), (0.9, 1 / 0.9), generator),
+            flip=torch.rand(n, generator=generator) < 0.5,
+            ops=ops, magnitudes=magnitudes, cutout_centers=centers,
+        )
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = to_float(images)
+        n, _, h, w = x.shape
+        p = self.make_params(n, h, w, generator)
+        x = resized_crop(x, p.boxes, p.flip)
+        for slot in range(self.num_ops):
+            column = p.ops[:, slot]
+            for op_index in column.unique().tolist():
+                rows = (column == op_index).nonzero().squeeze(1)
+                name = STRONG_OPS[op_index][0]
+                x[rows.to(x.device)] = apply_strong_op(x[rows.to(x.device)], name,
+                                                       p.magnitudes[rows, slot])
+        length = round(self.cutout_fraction * min(h, w))
+        if length > 0:
+            x = cutout(x, p.cutout_centers, length)
+        return normalize(x)

@@ -1,0 +1,137 @@
+"""The training loops on tiny synthetic images: they run, learn, report and fail clearly."""
+
+import numpy as np
+import pytest
+import torch
+
+from scan_core.clustering import split_validation, train_scan
+from scan_core.config import PretextConfig, ScanConfig, SelfLabelConfig
+from scan_core.inference import compute_embeddings, predict_probabilities
+from scan_core.models import ClusteringModel, SmallCNNBackbone
+from scan_core.pretext import rotate_batch, train_pretext
+from scan_core.selflabel import NoConfidentSamplesError, train_selflabel
+from scan_core.training import EpochLog, cosine_lr, iterate_batches
+
+
+def synthetic(n_per_class: int = 24, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """Three easy classes: bright top half, bright left half, bright centre square, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(3, size, size)
+    masks[0, : size // 2] = 1
+    masks[1, :, : size // 2] = 1
+    masks[2, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
+    labels = np.repeat(np.arange(3), n_per_class)
+    x = masks[labels] * 200 + torch.rand(len(labels), size, size, generator=g) * 55
+    return x.to(torch.uint8).unsqueeze(1), labels
+
+
+def same_class_neighbors(labels: np.ndarray, k: int) -> np.ndarray:
+    out = []
+    for i, y in enumerate(labels):
+        same = [j for j in np.flatnonzero(labels == y) if j != i]
+        out.append(same[:k])
+    return np.array(out)
+
+
+def accuracy(y: np.ndarray, pred: np.ndarray) -> float:
+    from itertools import permutations
+
+    return max(float(np.mean(np.array(p)[pred] == y)) for p in permutations(range(3)))
+
+
+def test_schedule_and_batches() -> None:
+    assert cosine_lr(1.0, 0, 10) == pytest.approx(1.0)
+    assert cosine_lr(1.0, 10, 10) == pytest.approx(1e-3)
+    batches = list(iterate_batches(10, 4, torch.Generator().manual_seed(0)))
+    assert [len(b) for b in batches] == [4, 4]  # the partial batch is dropped
+    assert [len(b) for b in iterate_batches(3, 8, None)] == [3]  # unless it is the only one
+    assert list(iterate_batches(1, 8, None)) == []  # never a batch of one (BatchNorm)
+
+
+def test_rotate_batch() -> None:
+    x = torch.arange(8.0).view(2, 1, 2, 2)
+    rotated, labels = rotate_batch(x)
+    assert rotated.shape == (8, 1, 2, 2) and labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert torch.equal(rotated[2], torch.rot90(x[0], 1, dims=(1, 2)))
+
+
+@pytest.mark.parametrize("method", ["simclr", "rotnet"])
+def test_pretext_trains_reports_and_is_seeded(method: str) -> None:
+    x, _ = synthetic(8)
+    logs: list[EpochLog] = []
+    cfg = PretextConfig(method=method, epochs=2, batch_size=12, lr=0.1, seed=1)
+    result = train_pretext(x, cfg, progress=logs.append)
+    assert [log.epoch for log in logs] == [1, 2] and all(log.stage == "pretext" for log in logs)
+    assert all(np.isfinite(log.metrics["loss"]) for log in logs)
+    again = train_pretext(x, cfg)
+    e1, e2 = compute_embeddings(result.model, x), compute_embeddings(again.model, x)
+    assert np.allclose(e1, e2, atol=1e-5)
+    assert np.allclose(np.linalg.norm(e1, axis=1), 1.0, atol=1e-5)
+    assert e1.shape == (24, 128 if method == "simclr" else 64)
+
+
+def test_pretext_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        train_pretext(torch.zeros(4, 1, 8, 8), PretextConfig(epochs=1))
+    with pytest.raises(ValueError, match="at least 2"):
+        train_pretext(torch.zeros(1, 1, 16, 16, dtype=torch.uint8), PretextConfig(epochs=1))
+
+
+def test_scan_learns_easy_clusters_and_selflabel_keeps_them() -> None:
+    x, y = synthetic(24)
+    neighbors = same_class_neighbors(y, 5)
+    backbone = SmallCNNBackbone(1, width=8)
+    probe_calls: list[int] = []
+
+    def probe(val_idx: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+        probe_calls.append(len(val_idx))
+        return {"probe": 1.0}
+
+    cfg = ScanConfig(num_clusters=3, num_heads=3, epochs=25, batch_size=32, lr=3e-3,
+                     augment="weak", entropy_weight=2.0, seed=0)
+    logs: list[EpochLog] = []
+    result = train_scan(x, neighbors, backbone, cfg, progress=logs.append, probe=probe)
+    assert len(logs) == 25 and logs[-1].metrics["probe"] == 1.0 and len(probe_calls) == 25
+    assert result.best_head == int(np.argmin(result.head_losses))
+    assert len(result.model.cluster_heads.heads) == 1
+    probs = predict_probabilities(result.model, x)
+    assert probs.shape == (72, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert accuracy(y, probs.argmax(1)) >= 0.9
+    # the backbone passed in is never modified
+    assert all(p.grad is None for p in backbone.parameters())
+
+    sl = train_selflabel(x, result.model, SelfLabelConfig(threshold=0.5, epochs=3, batch_size=36,
+                                                          lr=1e-3, patience=3))
+    assert sl.confident_counts[0] > 0 and len(sl.history) >= 1
+    assert accuracy(y, predict_probabilities(sl.model, x).argmax(1)) >= 0.9
+
+
+def test_scan_frozen_backbone_only_trains_heads() -> None:
+    x, y = synthetic(6)
+    backbone = SmallCNNBackbone(1, width=4)
+    cfg = ScanConfig(num_clusters=3, epochs=1, batch_size=8, update_backbone=False, augment="weak")
+    result = train_scan(x, same_class_neighbors(y, 2), backbone, cfg)
+    for before, after in zip(backbone.parameters(), result.model.backbone.parameters(), strict=True):
+        assert torch.equal(before, after)
+
+
+def test_scan_validation() -> None:
+    x, y = synthetic(2)
+    with pytest.raises(ValueError, match="neighbors"):
+        train_scan(x, np.zeros((3, 2), dtype=int), SmallCNNBackbone(1, 4), ScanConfig(epochs=1))
+    with pytest.raises(ValueError, match="clusters"):
+        train_scan(x, same_class_neighbors(y, 1), SmallCNNBackbone(1, 4),
+                   ScanConfig(num_clusters=10, epochs=1))
+
+
+def test_split_validation_is_disjoint() -> None:
+    train, val = split_validation(20, 0.25, torch.Generator().manual_seed(0))
+    assert len(val) == 5 and len(set(train) | set(val)) == 20 and not set(train) & set(val)
+
+
+def test_selflabel_fails_clearly_when_nothing_is_confident() -> None:
+    x, _ = synthetic(4)
+    model = ClusteringModel(SmallCNNBackbone(1, 4), num_clusters=3)
+    torch.nn.init.zeros_(model.cluster_heads.heads[0].weight)  # uniform predictions
+    with pytest.raises(NoConfidentSamplesError, match="selflabel.threshold"):
+        train_selflabel(x, model, SelfLabelConfig(threshold=0.99, epochs=1))
