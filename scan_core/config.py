@@ -29,11 +29,21 @@ class StageConfig(BaseModel):
 
 
 class ImageConfig(StageConfig):
-    """How lake images become tensors: channels and a square size for mixed-size lakes."""
+    """How lake images become tensors (see :mod:`scan_core.images`).
+
+    Attributes:
+        channels: 1 (greyscale) or 3 (RGB); every image is converted to it.
+        size: Images become ``size x size``.
+        resize: Mixed sizes: ``crop`` (short side to ``size``, centre crop), ``squash`` (ignore the
+            aspect ratio) or ``pad`` (long side to ``size``, pad with the edge colour).
+        background: Grey level that transparent pixels are composited over.
+        max_pixels: Larger images are refused as decompression bombs.
+    """
 
     channels: Literal[1, 3] = 1
     size: int = Field(28, ge=8, le=1024)
-    resize: Literal["crop", "squash"] = "crop"
+    resize: Literal["crop", "squash", "pad"] = "crop"
+    background: Literal["black", "white"] = "black"
     max_pixels: int = Field(50_000_000, ge=1)
 
 
