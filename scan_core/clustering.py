@@ -14,8 +14,14 @@ from torch import nn
 
 from scan_core.config import ScanConfig, resolve_device
 from scan_core.losses import SCANLoss, entropy
-from scan_core.models import ClusteringModel
-from scan_core.training import EpochLog, EpochTimer, ProgressCallback, iterate_batches, seed_everything
+from scan_core.models import Backbone, ClusteringModel
+from scan_core.training import (
+    EpochLog,
+    EpochTimer,
+    ProgressCallback,
+    iterate_batches,
+    seed_everything,
+)
 from scan_core.transforms import IdentityTransform, StrongTransform, WeakTransform
 
 logger = logging.getLogger(__name__)
@@ -35,7 +41,9 @@ class ScanResult:
     val_indices: np.ndarray
 
 
-def split_validation(n: int, fraction: float, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+def split_validation(
+    n: int, fraction: float, generator: torch.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Random (train, held-out) index split; the held-out part has at least 2 images."""
     order = torch.randperm(n, generator=generator).numpy()
     n_val = min(max(2, round(n * fraction)), n - 2)
@@ -83,7 +91,7 @@ def scan_validation_losses(
 def train_scan(
     images: torch.Tensor,
     neighbors: np.ndarray,
-    backbone: nn.Module,
+    backbone: Backbone,
     config: ScanConfig,
     progress: ProgressCallback | None = None,
     probe: ValidationProbe | None = None,
@@ -148,8 +156,9 @@ def train_scan(
             total = torch.zeros((), device=device)
             parts = torch.zeros(2)
             for head_logits in logits:
-                loss, consistency, ent = criterion(head_logits[: len(anchors)],
-                                                   head_logits[len(anchors) :])
+                loss, consistency, ent = criterion(
+                    head_logits[: len(anchors)], head_logits[len(anchors) :]
+                )
                 total = total + loss
                 parts += torch.stack([consistency.detach().cpu(), ent.detach().cpu()])
             optimizer.zero_grad(set_to_none=True)
@@ -157,8 +166,9 @@ def train_scan(
             optimizer.step()
             sums += np.array([float(total.detach()) / len(logits), *(parts / len(logits)).tolist()])
             steps += 1
-        head_losses, val_pred = scan_validation_losses(model, images, neighbors, val_idx,
-                                                       config.entropy_weight, device)
+        head_losses, val_pred = scan_validation_losses(
+            model, images, neighbors, val_idx, config.entropy_weight, device
+        )
         best = int(np.argmin(head_losses))
         metrics = {
             "loss": sums[0] / max(steps, 1),
@@ -175,6 +185,10 @@ def train_scan(
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
-    return ScanResult(model=model.cpu().to(memory_format=torch.contiguous_format),
-                      best_head=best, head_losses=head_losses, history=timer.history,
-                      val_indices=val_idx)
+    return ScanResult(
+        model=model.cpu().to(memory_format=torch.contiguous_format),
+        best_head=best,
+        head_losses=head_losses,
+        history=timer.history,
+        val_indices=val_idx,
+    )

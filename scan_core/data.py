@@ -20,8 +20,16 @@ from PIL import Image
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 _FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -31,7 +39,14 @@ _FILES = {
 LABELS_SIDECAR = "_labels.parquet"
 LABELS_SCHEMA = pa.schema([("key", pa.string()), ("label", pa.int32())])
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, str] = {
+    0x08: "u1",
+    0x09: "i1",
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
 
 
 def read_idx(data: bytes) -> np.ndarray:
@@ -53,7 +68,11 @@ def read_idx(data: bytes) -> np.ndarray:
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(data) - header != expected:
         raise ValueError(f"IDX payload has {len(data) - header} bytes, expected {expected}")
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    return (
+        np.frombuffer(data, dtype=dtype, offset=header)
+        .reshape(shape)
+        .astype(dtype.newbyteorder("="))
+    )
 
 
 def load_fashion_mnist(
@@ -89,7 +108,9 @@ def load_fashion_mnist(
 def encode_png(image: np.ndarray) -> bytes:
     """Encode a uint8 ``(H, W)`` or ``(H, W, 3)`` array as PNG bytes."""
     if image.dtype != np.uint8 or image.ndim not in (2, 3):
-        raise ValueError(f"expected a uint8 (H, W) or (H, W, 3) array, got {image.dtype} {image.shape}")
+        raise ValueError(
+            f"expected a uint8 (H, W) or (H, W, 3) array, got {image.dtype} {image.shape}"
+        )
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -110,6 +131,10 @@ def labels_table(keys: list[str], labels: np.ndarray) -> pa.Table:
     """The labels sidecar: one row per image key with its class index."""
     if len(keys) != len(labels):
         raise ValueError(f"{len(keys)} keys but {len(labels)} labels")
-    return pa.table({"key": pa.array(keys, pa.string()),
-                     "label": pa.array(np.asarray(labels, dtype=np.int32), pa.int32())},
-                    schema=LABELS_SCHEMA)
+    return pa.table(
+        {
+            "key": pa.array(keys, pa.string()),
+            "label": pa.array(np.asarray(labels, dtype=np.int32), pa.int32()),
+        },
+        schema=LABELS_SCHEMA,
+    )

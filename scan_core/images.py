@@ -9,6 +9,7 @@ plugins, EPS among them, are never reached with lake bytes).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import warnings
@@ -90,8 +91,9 @@ def inspect_image(data: bytes, max_pixels: int = ImageConfig().max_pixels) -> Im
         ImageDecodeError: with the reason the image cannot be used.
     """
     image = _open(data, max_pixels)
-    return ImageInfo(format=str(image.format), mode=image.mode, width=image.width,
-                     height=image.height)
+    return ImageInfo(
+        format=str(image.format), mode=image.mode, width=image.width, height=image.height
+    )
 
 
 def to_8bit_mode(image: Image.Image, channels: int, background: int) -> Image.Image:
@@ -115,13 +117,18 @@ def to_8bit_mode(image: Image.Image, channels: int, background: int) -> Image.Im
         image = image.convert("L")
     if image.mode in ("RGBA", "LA", "La", "RGBa"):
         base = "RGB" if image.mode.startswith("RGB") else "L"
-        flat = Image.new(base, image.size, (background,) * len(base) if base == "RGB" else background)
+        flat = Image.new(
+            base, image.size, (background,) * len(base) if base == "RGB" else background
+        )
         flat.paste(image.convert(base + "A"), mask=image.getchannel("A"))
         image = flat
     target = "L" if channels == 1 else "RGB"
     if image.mode != target:
-        image = image.convert("RGB").convert(target) if image.mode not in ("L", "RGB") else \
-            image.convert(target)
+        image = (
+            image.convert("RGB").convert(target)
+            if image.mode not in ("L", "RGB")
+            else image.convert(target)
+        )
     return image
 
 
@@ -152,10 +159,8 @@ def decode_image(data: bytes, config: ImageConfig) -> torch.Tensor:
         ImageDecodeError: with the reason the image cannot be used.
     """
     image = _open(data, config.max_pixels)
-    try:
+    with contextlib.suppress(Exception):  # a broken EXIF block is not worth losing the image
         image = ImageOps.exif_transpose(image)
-    except Exception:  # a broken EXIF block is not worth losing the image over
-        pass
     background = 255 if config.background == "white" else 0
     image = to_8bit_mode(image, config.channels, background)
     image = resize_square(image, config.size, config.resize)

@@ -29,7 +29,9 @@ def _batched(
     progress: BatchProgress | None,
 ) -> np.ndarray:
     if images.dim() != 4 or images.dtype != torch.uint8:
-        raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        raise ValueError(
+            f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     view = IdentityTransform()

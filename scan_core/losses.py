@@ -32,7 +32,9 @@ class NTXentLoss(nn.Module):
 
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
         if z_a.shape != z_b.shape or z_a.dim() != 2:
-            raise ValueError(f"expected two (N, D) tensors of one shape, got {z_a.shape}, {z_b.shape}")
+            raise ValueError(
+                f"expected two (N, D) tensors of one shape, got {z_a.shape}, {z_b.shape}"
+            )
         n = z_a.shape[0]
         z = F.normalize(torch.cat([z_a, z_b]), dim=1)
         logits = z @ z.T / self.temperature

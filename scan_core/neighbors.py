@@ -71,8 +71,9 @@ def build_index(features: np.ndarray, kind: IndexKind, *, seed: int = 0) -> fais
     return index
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int,
-           batch_size: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+def search(
+    index: faiss.Index, queries: np.ndarray, k: int, batch_size: int = 16384
+) -> tuple[np.ndarray, np.ndarray]:
     """``index.search`` in query batches (large enough that faiss uses BLAS)."""
     Ds, Is = [], []
     for start in range(0, queries.shape[0], batch_size):
@@ -82,9 +83,14 @@ def search(index: faiss.Index, queries: np.ndarray, k: int,
     return np.concatenate(Ds), np.concatenate(Is)
 
 
-def drop_self(D: np.ndarray, I: np.ndarray, query_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: E741
+def drop_self(
+    D: np.ndarray,
+    I: np.ndarray,  # noqa: E741
+    query_ids: np.ndarray,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """Remove each query's own id from its row (wherever ties put it) and keep ``k`` columns."""
-    is_self = I == query_ids[:, None]
+    is_self = query_ids[:, None] == I
     # a query missing from its own results (ties, approximate search) loses its last column
     drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), I.shape[1] - 1)
     keep = np.ones_like(I, dtype=bool)
@@ -95,7 +101,7 @@ def drop_self(D: np.ndarray, I: np.ndarray, query_ids: np.ndarray, k: int) -> tu
 
 
 def knn_recall(approx: np.ndarray, exact: np.ndarray) -> float:
-    """Recall@k: the mean fraction of each row's exact neighbours found by the approximate search."""
+    """Recall@k: the mean fraction of each row's exact neighbours that approximate search found."""
     if approx.shape != exact.shape:
         raise ValueError(f"shape mismatch: {approx.shape} vs {exact.shape}")
     hits = sum(len(np.intersect1d(a, e)) for a, e in zip(approx, exact, strict=True))
@@ -138,7 +144,9 @@ def mine_neighbors(
         De, Ie = exact.search(features[sample], k + 1)
         _, Ie = drop_self(De, Ie, sample, k)
         recall = knn_recall(I[sample], Ie)
-    logger.info("mined %d-NN of %d images with %s in %.1fs (recall@k %.3f)", k, n, kind, seconds, recall)
+    logger.info(
+        "mined %d-NN of %d images with %s in %.1fs (recall@k %.3f)", k, n, kind, seconds, recall
+    )
     return NeighborResult(D=D, I=I, index_kind=kind, recall=recall, seconds=seconds)
 
 

@@ -38,14 +38,14 @@ def build_pretext_model(config: PretextConfig, in_channels: int) -> PretextModel
     backbone = build_backbone(config.backbone, in_channels)
     head: nn.Module
     if config.method == "simclr":
-        head = SimCLRProjectionHead(int(backbone.out_dim), config.feature_dim)
+        head = SimCLRProjectionHead(backbone.out_dim, config.feature_dim)
     else:
-        head = RotNetHead(int(backbone.out_dim))
+        head = RotNetHead(backbone.out_dim)
     return PretextModel(backbone, head)
 
 
 def rotate_batch(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack the 0/90/180/270-degree rotations of a batch: ``(B, C, H, W)`` -> ``(4B, ...)``, labels."""
+    """Stack the 0/90/180/270-degree rotations: ``(B, C, H, W)`` -> ``(4B, ...)`` and labels."""
     rotated = torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])
     labels = torch.arange(4, device=images.device).repeat_interleave(images.shape[0])
     return rotated, labels
@@ -63,15 +63,18 @@ def train_pretext(
     schedule (official settings in :class:`PretextConfig`).
     """
     if images.dim() != 4 or images.dtype != torch.uint8:
-        raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        raise ValueError(
+            f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
+        )
     if images.shape[0] < 2:
         raise ValueError(f"pretext training needs at least 2 images, got {images.shape[0]}")
     device = resolve_device(config.device)
     generator = seed_everything(config.seed)
     model = build_pretext_model(config, images.shape[1]).to(device)
     model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
     batch_size = min(config.batch_size, images.shape[0])
     simclr = SimCLRTransform(crop_scale_min=config.crop_scale_min, jitter=config.color_jitter)
     weak = WeakTransform()
@@ -99,5 +102,6 @@ def train_pretext(
             steps += 1
         timer.done(epoch + 1, {"loss": total / max(steps, 1), "lr": lr})
     model.eval()
-    return PretextResult(model=model.cpu().to(memory_format=torch.contiguous_format),
-                         history=timer.history)
+    return PretextResult(
+        model=model.cpu().to(memory_format=torch.contiguous_format), history=timer.history
+    )

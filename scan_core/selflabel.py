@@ -9,12 +9,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from scan_core.config import SelfLabelConfig, resolve_device
 from scan_core.clustering import ValidationProbe
+from scan_core.config import SelfLabelConfig, resolve_device
 from scan_core.inference import predict_probabilities
 from scan_core.losses import ConfidenceBasedCE
 from scan_core.models import ClusteringModel
-from scan_core.training import EpochLog, EpochTimer, ProgressCallback, iterate_batches, seed_everything
+from scan_core.training import (
+    EpochLog,
+    EpochTimer,
+    ProgressCallback,
+    iterate_batches,
+    seed_everything,
+)
 from scan_core.transforms import IdentityTransform, StrongTransform
 
 logger = logging.getLogger(__name__)
@@ -33,8 +39,9 @@ class SelfLabelResult:
     confident_counts: list[int]
 
 
-def count_confident(model: ClusteringModel, images: torch.Tensor, threshold: float,
-                    device: str) -> tuple[int, np.ndarray]:
+def count_confident(
+    model: ClusteringModel, images: torch.Tensor, threshold: float, device: str
+) -> tuple[int, np.ndarray]:
     """How many images the model predicts with max probability above ``threshold``; the argmaxes."""
     probs = predict_probabilities(model, images, device=device)
     return int((probs.max(axis=1) > threshold).sum()), probs.argmax(axis=1)
@@ -84,7 +91,9 @@ def train_selflabel(
             x = images[idx].to(device, non_blocking=True)
             with torch.no_grad():
                 weak_logits = model(weak(x).contiguous(memory_format=torch.channels_last))[0]
-            strong_logits = model(strong(x, generator).contiguous(memory_format=torch.channels_last))[0]
+            strong_logits = model(
+                strong(x, generator).contiguous(memory_format=torch.channels_last)
+            )[0]
             if not bool((weak_logits.softmax(1).max(1).values > config.threshold).any()):
                 continue
             loss, _ = criterion(weak_logits, strong_logits)
@@ -95,8 +104,11 @@ def train_selflabel(
             steps += 1
         n_confident, predictions = count_confident(model, images, config.threshold, device)
         counts.append(n_confident)
-        metrics = {"loss": loss_sum / max(steps, 1), "confident": float(n_confident),
-                   "confident_fraction": n_confident / images.shape[0]}
+        metrics = {
+            "loss": loss_sum / max(steps, 1),
+            "confident": float(n_confident),
+            "confident_fraction": n_confident / images.shape[0],
+        }
         if probe is not None:
             metrics.update(probe(all_idx, predictions))
         timer.done(epoch + 1, metrics)

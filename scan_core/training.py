@@ -79,8 +79,9 @@ class EpochTimer:
         self._start = time.perf_counter()
 
     def done(self, epoch: int, metrics: dict[str, float]) -> EpochLog:
-        log = EpochLog(self.stage, epoch, self.epochs, dict(metrics),
-                       time.perf_counter() - self._start)
+        log = EpochLog(
+            self.stage, epoch, self.epochs, dict(metrics), time.perf_counter() - self._start
+        )
         self.history.append(log)
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         logger.info("%s epoch %d/%d %s (%.1fs)", self.stage, epoch, self.epochs, shown, log.seconds)

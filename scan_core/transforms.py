@@ -51,7 +51,7 @@ def _per_image(values: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
 
 
 def blend(images: torch.Tensor, other: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """``factor * images + (1 - factor) * other`` per image, clamped to [0, 1] (PIL ImageEnhance)."""
+    """``factor * images + (1 - factor) * other`` per image, clamped to [0, 1] (as PIL does)."""
     f = _per_image(factors, images)
     return (f * images + (1 - f) * other).clamp_(0, 1)
 
@@ -75,14 +75,16 @@ def adjust_saturation(images: torch.Tensor, factors: torch.Tensor) -> torch.Tens
 
 
 def adjust_hue(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """Rotate hue by ``shift`` in [-0.5, 0.5] per image (torchvision kernel). No-op for 1 channel."""
+    """Rotate hue by ``shift`` in [-0.5, 0.5] per image (torchvision kernel); 1 channel: no-op."""
     if images.shape[1] == 1:
         return images
-    return torch.stack([TF.adjust_hue(img, float(s)) for img, s in zip(images, shifts, strict=True)])
+    return torch.stack(
+        [TF.adjust_hue(img, float(s)) for img, s in zip(images, shifts, strict=True)]
+    )
 
 
 def adjust_sharpness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Blend with a smoothed copy (PIL's 3x3 SMOOTH kernel, borders kept): 0 blurs, 1 is identity."""
+    """Blend with a smoothed copy (PIL's 3x3 SMOOTH kernel, borders kept): 0 blurs, 1 keeps."""
     c = images.shape[1]
     kernel = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], device=images.device)
     kernel = (kernel / kernel.sum()).expand(c, 1, 3, 3)
@@ -123,8 +125,10 @@ def affine(images: torch.Tensor, theta: torch.Tensor, fill: float = 0.0) -> torc
     """
     grid = F.affine_grid(theta.to(images), list(images.shape), align_corners=False)
     shifted = images - fill
-    return F.grid_sample(shifted, grid, mode="bilinear", padding_mode="zeros",
-                         align_corners=False) + fill
+    return (
+        F.grid_sample(shifted, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        + fill
+    )
 
 
 def geometric_theta(
@@ -174,7 +178,9 @@ def resized_crop(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor) 
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def cutout(images: torch.Tensor, centers: torch.Tensor, length: int, fill: float = 0.5) -> torch.Tensor:
+def cutout(
+    images: torch.Tensor, centers: torch.Tensor, length: int, fill: float = 0.5
+) -> torch.Tensor:
     """Fill a ``length`` x ``length`` square (clipped at the borders) around per-image centres.
 
     ``centers`` is ``(B, 2)`` integer ``(y, x)`` pixel positions.
@@ -185,7 +191,12 @@ def cutout(images: torch.Tensor, centers: torch.Tensor, length: int, fill: float
     cy = centers[:, 0].to(images.device).view(-1, 1, 1)
     cx = centers[:, 1].to(images.device).view(-1, 1, 1)
     half = length // 2
-    inside = (ys >= cy - half) & (ys < cy - half + length) & (xs >= cx - half) & (xs < cx - half + length)
+    inside = (
+        (ys >= cy - half)
+        & (ys < cy - half + length)
+        & (xs >= cx - half)
+        & (xs < cx - half + length)
+    )
     return images.masked_fill(inside.unsqueeze(1), fill)
 
 
@@ -262,7 +273,9 @@ class SimCLRTransform(nn.Module):
             "gray": torch.rand(n, generator=generator) < self.grayscale_p,
         }
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         x = to_float(images)
         p = self.make_params(x.shape[0], generator)
         x = resized_crop(x, p["boxes"], p["flip"])
@@ -288,7 +301,9 @@ class WeakTransform(nn.Module):
             raise ValueError(f"crop_scale_min must be in (0, 1], got {crop_scale_min}")
         self.crop_scale_min, self.flip_p = crop_scale_min, flip_p
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         x = to_float(images)
         n = x.shape[0]
         boxes = sample_crop_boxes(n, (self.crop_scale_min, 1.0), (0.9, 1 / 0.9), generator)
@@ -299,7 +314,9 @@ class WeakTransform(nn.Module):
 class IdentityTransform(nn.Module):
     """No augmentation: the evaluation view (uint8 -> normalised float)."""
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         return normalize(to_float(images))
 
 
@@ -375,30 +392,45 @@ class StrongTransform(nn.Module):
     ``cutout_fraction * size`` square (official: 16 px on 32 px CIFAR images, i.e. 0.5).
     """
 
-    def __init__(self, num_ops: int = 4, cutout_fraction: float = 0.5,
-                 crop_scale_min: float = 0.8) -> None:
+    def __init__(
+        self, num_ops: int = 4, cutout_fraction: float = 0.5, crop_scale_min: float = 0.8
+    ) -> None:
         super().__init__()
         if num_ops < 0:
             raise ValueError(f"num_ops must be >= 0, got {num_ops}")
         if not 0 <= cutout_fraction <= 1:
             raise ValueError(f"cutout_fraction must be in [0, 1], got {cutout_fraction}")
-        self.num_ops, self.cutout_fraction, self.crop_scale_min = num_ops, cutout_fraction, crop_scale_min
+        self.num_ops, self.cutout_fraction, self.crop_scale_min = (
+            num_ops,
+            cutout_fraction,
+            crop_scale_min,
+        )
 
-    def make_params(self, n: int, height: int, width: int,
-                    generator: torch.Generator | None) -> StrongParams:
+    def make_params(
+        self, n: int, height: int, width: int, generator: torch.Generator | None
+    ) -> StrongParams:
         ops = torch.randint(len(STRONG_OPS), (n, self.num_ops), generator=generator)
         low = torch.tensor([lo for _, lo, _ in STRONG_OPS])[ops]
         high = torch.tensor([hi for _, _, hi in STRONG_OPS])[ops]
         magnitudes = low + (high - low) * torch.rand(n, self.num_ops, generator=generator)
-        centers = torch.stack([torch.randint(height, (n,), generator=generator),
-                               torch.randint(width, (n,), generator=generator)], dim=1)
+        centers = torch.stack(
+            [
+                torch.randint(height, (n,), generator=generator),
+                torch.randint(width, (n,), generator=generator),
+            ],
+            dim=1,
+        )
         return StrongParams(
             boxes=sample_crop_boxes(n, (self.crop_scale_min, 1.0), (0.9, 1 / 0.9), generator),
             flip=torch.rand(n, generator=generator) < 0.5,
-            ops=ops, magnitudes=magnitudes, cutout_centers=centers,
+            ops=ops,
+            magnitudes=magnitudes,
+            cutout_centers=centers,
         )
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         x = to_float(images)
         n, _, h, w = x.shape
         p = self.make_params(n, h, w, generator)
@@ -408,8 +440,9 @@ class StrongTransform(nn.Module):
             for op_index in column.unique().tolist():
                 rows = (column == op_index).nonzero().squeeze(1)
                 name = STRONG_OPS[op_index][0]
-                x[rows.to(x.device)] = apply_strong_op(x[rows.to(x.device)], name,
-                                                       p.magnitudes[rows, slot])
+                x[rows.to(x.device)] = apply_strong_op(
+                    x[rows.to(x.device)], name, p.magnitudes[rows, slot]
+                )
         length = round(self.cutout_fraction * min(h, w))
         if length > 0:
             x = cutout(x, p.cutout_centers, length)

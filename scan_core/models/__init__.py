@@ -1,6 +1,7 @@
 """Networks: backbones, heads, and the pretext / clustering models built from them."""
 
 from scan_core.models.backbones import (
+    Backbone,
     ResNetCifarBackbone,
     SmallCNNBackbone,
     TorchvisionResNetBackbone,
@@ -15,6 +16,7 @@ from scan_core.models.heads import (
 )
 
 __all__ = [
+    "Backbone",
     "ClusterHeads",
     "ClusteringModel",
     "PretextModel",

@@ -16,7 +16,13 @@ from torchvision.models import resnet18, resnet50
 from torchvision.models.resnet import BasicBlock
 
 
-class SmallCNNBackbone(nn.Module):
+class Backbone(nn.Module):
+    """Base of all backbones: ``forward`` maps images to ``(B, out_dim)`` features."""
+
+    out_dim: int
+
+
+class SmallCNNBackbone(Backbone):
     """A small VGG-style CNN for 28x28-ish images that trains in minutes on a CPU.
 
     Three stages of two 3x3 conv-BN-ReLU layers (widths ``w, 2w, 4w``), max-pooling between stages,
@@ -38,15 +44,24 @@ class SmallCNNBackbone(nn.Module):
             raise ValueError(f"width must be >= 1, got {width}")
 
         def block(cin: int, cout: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-                    nn.ReLU(inplace=True)]
+            return [
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            ]
 
         w = width
         self.features = nn.Sequential(
-            *block(in_channels, w), *block(w, w), nn.MaxPool2d(2),
-            *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
-            *block(2 * w, 4 * w), *block(4 * w, 4 * w),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            *block(in_channels, w),
+            *block(w, w),
+            nn.MaxPool2d(2),
+            *block(w, 2 * w),
+            *block(2 * w, 2 * w),
+            nn.MaxPool2d(2),
+            *block(2 * w, 4 * w),
+            *block(4 * w, 4 * w),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.out_dim = 4 * w
 
@@ -54,7 +69,7 @@ class SmallCNNBackbone(nn.Module):
         return self.features(x)
 
 
-class ResNetCifarBackbone(nn.Module):
+class ResNetCifarBackbone(Backbone):
     """ResNet-18, CIFAR variant (He et al. 2016; as in the SimCLR and SCAN code for 32x32 images).
 
     The ImageNet stem (7x7 stride-2 conv + max-pool) is replaced by a 3x3 stride-1 conv, so small
@@ -77,7 +92,7 @@ class ResNetCifarBackbone(nn.Module):
         return self.net(x)
 
 
-class TorchvisionResNetBackbone(nn.Module):
+class TorchvisionResNetBackbone(Backbone):
     """torchvision ResNet-18 or ResNet-50 (random init) without its classifier.
 
     Shapes:
@@ -100,7 +115,7 @@ class TorchvisionResNetBackbone(nn.Module):
         return self.net(x)
 
 
-def build_backbone(name: str, in_channels: int) -> nn.Module:
+def build_backbone(name: str, in_channels: int) -> Backbone:
     """Build a backbone by name: ``small_cnn``, ``resnet18_cifar``, ``resnet18`` or ``resnet50``.
 
     The returned module has an ``out_dim`` attribute with its feature size.

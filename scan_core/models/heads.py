@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scan_core.models.backbones import Backbone
+
 
 class SimCLRProjectionHead(nn.Module):
-    """SimCLR projection head g(.) (Chen et al., ICML 2020, §2.1): Linear-ReLU-Linear, L2-normalised.
+    """SimCLR projection head g(.) (Chen et al., ICML 2020, §2.1): Linear-ReLU-Linear, L2-norm.
 
     Args:
         in_dim: Backbone feature size.
@@ -24,8 +26,9 @@ class SimCLRProjectionHead(nn.Module):
         if in_dim < 1 or out_dim < 1:
             raise ValueError(f"in_dim and out_dim must be >= 1, got {in_dim}, {out_dim}")
         hidden = hidden_dim or in_dim
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True),
-                                 nn.Linear(hidden, out_dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.mlp(x), dim=1)
@@ -73,7 +76,7 @@ class ClusterHeads(nn.Module):
 class PretextModel(nn.Module):
     """Backbone + pretext head. ``forward`` returns the head output; ``features`` the backbone's."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    def __init__(self, backbone: Backbone, head: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -92,10 +95,10 @@ class ClusteringModel(nn.Module):
     but the chosen one, so ``forward`` returns ``(1, B, C)``.
     """
 
-    def __init__(self, backbone: nn.Module, num_clusters: int, num_heads: int = 1) -> None:
+    def __init__(self, backbone: Backbone, num_clusters: int, num_heads: int = 1) -> None:
         super().__init__()
         self.backbone = backbone
-        self.cluster_heads = ClusterHeads(int(backbone.out_dim), num_clusters, num_heads)
+        self.cluster_heads = ClusterHeads(backbone.out_dim, num_clusters, num_heads)
 
     @property
     def num_clusters(self) -> int:

@@ -83,7 +83,11 @@ def test_transparency_is_composited_over_the_background(background: str, expecte
 def test_palette_with_transparency_and_bilevel_modes() -> None:
     palette = Image.fromarray(gradient()).convert("P")
     palette.info["transparency"] = 0
-    assert decode_image(encode(palette, "PNG"), ImageConfig(channels=3, size=12)).shape == (3, 12, 12)
+    assert decode_image(encode(palette, "PNG"), ImageConfig(channels=3, size=12)).shape == (
+        3,
+        12,
+        12,
+    )
     bilevel = Image.new("1", (5, 5), 1)
     assert int(decode_image(encode(bilevel, "PNG"), ImageConfig(size=8)).min()) == 255
 

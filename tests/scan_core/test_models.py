@@ -16,8 +16,14 @@ from scan_core.models import (
 
 @pytest.mark.parametrize(
     ("name", "channels", "size", "dim"),
-    [("small_cnn", 1, 28, 64), ("small_cnn", 3, 17, 64), ("resnet18_cifar", 3, 16, 512),
-     ("resnet18", 3, 32, 512), ("resnet18", 1, 32, 512), ("resnet50", 3, 32, 2048)],
+    [
+        ("small_cnn", 1, 28, 64),
+        ("small_cnn", 3, 17, 64),
+        ("resnet18_cifar", 3, 16, 512),
+        ("resnet18", 3, 32, 512),
+        ("resnet18", 1, 32, 512),
+        ("resnet50", 3, 32, 2048),
+    ],
 )
 def test_backbone_shapes(name: str, channels: int, size: int, dim: int) -> None:
     net = build_backbone(name, channels).eval()

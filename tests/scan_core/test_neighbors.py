@@ -18,16 +18,16 @@ def test_flat_matches_numpy_brute_force() -> None:
     np.fill_diagonal(sims, -np.inf)
     expected = np.argsort(-sims, axis=1)[:, :5]
     assert result.I.shape == (300, 5) and result.recall == 1.0
-    assert (result.I == expected).mean() > 0.99  # ties in float32 may swap a pair
+    assert (expected == result.I).mean() > 0.99  # ties in float32 may swap a pair
     assert np.allclose(result.D, np.take_along_axis(sims, result.I, axis=1), atol=1e-5)
-    assert not (result.I == np.arange(300)[:, None]).any()
+    assert not (np.arange(300)[:, None] == result.I).any()
 
 
 def test_exact_duplicates_never_return_self() -> None:
     x = unit(50, 4)
     x[1] = x[0]  # duplicate: the tie may put 1 before 0 in 0's own row
     result = mine_neighbors(x, 3, index="flat")
-    assert not (result.I == np.arange(50)[:, None]).any()
+    assert not (np.arange(50)[:, None] == result.I).any()
     assert result.I[0, 0] == 1 and result.I[1, 0] == 0
 
 

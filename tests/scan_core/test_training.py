@@ -13,7 +13,9 @@ from scan_core.selflabel import NoConfidentSamplesError, train_selflabel
 from scan_core.training import EpochLog, cosine_lr, iterate_batches
 
 
-def synthetic(n_per_class: int = 24, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+def synthetic(
+    n_per_class: int = 24, size: int = 16, seed: int = 0
+) -> tuple[torch.Tensor, np.ndarray]:
     """Three easy classes: bright top half, bright left half, bright centre square, plus noise."""
     g = torch.Generator().manual_seed(seed)
     masks = torch.zeros(3, size, size)
@@ -87,8 +89,16 @@ def test_scan_learns_easy_clusters_and_selflabel_keeps_them() -> None:
         probe_calls.append(len(val_idx))
         return {"probe": 1.0}
 
-    cfg = ScanConfig(num_clusters=3, num_heads=3, epochs=25, batch_size=32, lr=3e-3,
-                     augment="weak", entropy_weight=2.0, seed=0)
+    cfg = ScanConfig(
+        num_clusters=3,
+        num_heads=3,
+        epochs=25,
+        batch_size=32,
+        lr=3e-3,
+        augment="weak",
+        entropy_weight=2.0,
+        seed=0,
+    )
     logs: list[EpochLog] = []
     result = train_scan(x, neighbors, backbone, cfg, progress=logs.append, probe=probe)
     assert len(logs) == 25 and logs[-1].metrics["probe"] == 1.0 and len(probe_calls) == 25
@@ -100,8 +110,11 @@ def test_scan_learns_easy_clusters_and_selflabel_keeps_them() -> None:
     # the backbone passed in is never modified
     assert all(p.grad is None for p in backbone.parameters())
 
-    sl = train_selflabel(x, result.model, SelfLabelConfig(threshold=0.5, epochs=3, batch_size=36,
-                                                          lr=1e-3, patience=3))
+    sl = train_selflabel(
+        x,
+        result.model,
+        SelfLabelConfig(threshold=0.5, epochs=3, batch_size=36, lr=1e-3, patience=3),
+    )
     assert sl.confident_counts[0] > 0 and len(sl.history) >= 1
     assert accuracy(y, predict_probabilities(sl.model, x).argmax(1)) >= 0.9
 
@@ -111,7 +124,9 @@ def test_scan_frozen_backbone_only_trains_heads() -> None:
     backbone = SmallCNNBackbone(1, width=4)
     cfg = ScanConfig(num_clusters=3, epochs=1, batch_size=8, update_backbone=False, augment="weak")
     result = train_scan(x, same_class_neighbors(y, 2), backbone, cfg)
-    for before, after in zip(backbone.parameters(), result.model.backbone.parameters(), strict=True):
+    for before, after in zip(
+        backbone.parameters(), result.model.backbone.parameters(), strict=True
+    ):
         assert torch.equal(before, after)
 
 
@@ -120,8 +135,12 @@ def test_scan_validation() -> None:
     with pytest.raises(ValueError, match="neighbors"):
         train_scan(x, np.zeros((3, 2), dtype=int), SmallCNNBackbone(1, 4), ScanConfig(epochs=1))
     with pytest.raises(ValueError, match="clusters"):
-        train_scan(x, same_class_neighbors(y, 1), SmallCNNBackbone(1, 4),
-                   ScanConfig(num_clusters=10, epochs=1))
+        train_scan(
+            x,
+            same_class_neighbors(y, 1),
+            SmallCNNBackbone(1, 4),
+            ScanConfig(num_clusters=10, epochs=1),
+        )
 
 
 def test_split_validation_is_disjoint() -> None:

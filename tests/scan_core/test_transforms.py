@@ -76,14 +76,16 @@ def test_rotate_90_matches_rot90() -> None:
     x = torch.rand(1, 1, 4, 4)
     rotated = T.affine(x, T.geometric_theta(angle_deg=torch.tensor([90.0])))
     assert torch.allclose(rotated, torch.rot90(x, 1, dims=(2, 3)), atol=1e-5) or torch.allclose(
-        rotated, torch.rot90(x, -1, dims=(2, 3)), atol=1e-5)
+        rotated, torch.rot90(x, -1, dims=(2, 3)), atol=1e-5
+    )
 
 
 def test_translate_moves_content() -> None:
     x = torch.zeros(1, 1, 4, 4)
     x[0, 0, 1, 1] = 1.0
-    moved = T.affine(x, T.geometric_theta(translate=(torch.tensor([0.25]), torch.tensor([0.0]))),
-                     fill=0.0)
+    moved = T.affine(
+        x, T.geometric_theta(translate=(torch.tensor([0.25]), torch.tensor([0.0]))), fill=0.0
+    )
     assert moved[0, 0, 1, 2] == pytest.approx(1.0)
 
 
@@ -104,7 +106,8 @@ def test_crop_boxes_inside_image() -> None:
 
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize(
-    "transform", [T.SimCLRTransform(), T.WeakTransform(), T.StrongTransform(), T.IdentityTransform()]
+    "transform",
+    [T.SimCLRTransform(), T.WeakTransform(), T.StrongTransform(), T.IdentityTransform()],
 )
 def test_transforms_shape_range_and_seed(channels: int, transform: torch.nn.Module) -> None:
     x = torch.randint(0, 256, (8, channels, 17, 11), dtype=torch.uint8)
@@ -127,7 +130,9 @@ def test_random_transforms_differ_between_calls() -> None:
 def test_every_strong_op_runs_on_both_channel_counts(op: str) -> None:
     for c in (1, 3):
         x = torch.rand(3, c, 9, 7)
-        out = T.apply_strong_op(x, op, torch.tensor([0.1, 0.5, 0.9]) * (8 if op == "posterize" else 1))
+        out = T.apply_strong_op(
+            x, op, torch.tensor([0.1, 0.5, 0.9]) * (8 if op == "posterize" else 1)
+        )
         assert out.shape == x.shape and out.min() >= -1e-6 and out.max() <= 1 + 1e-6
 
 
