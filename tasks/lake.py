@@ -1,0 +1,260 @@
+"""The lake scan that runs on every flow run: list, hash, inspect, decode (DESIGN.md §2, catalog).
+
+Objects whose (key, size, version) are unchanged since the previous scan keep their image_id
+without being read again, unless their pixels are missing from the pixel store; the rest are read
+in concurrent batches, hashed, inspected and decoded. Unusable objects are quarantined with the
+one-sentence reason :class:`scan_core.images.ImageDecodeError` gives. The scan writes a snapshot
+(the catalog stage's input) named by the catalog key, so an unchanged lake gives the same key
+and every stage after it is a cache hit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict
+
+from scan_core.config import ImageConfig
+from scan_core.data import LABELS_SIDECAR
+from scan_core.images import ImageDecodeError, decode_image, image_id, inspect_image
+from tasks import keys, pixels, progress
+from tasks.errors import ScanLakeError
+from tasks.schemas import LAKE_INDEX, LISTING
+from tasks.settings import MachineSettings
+from tasks.stage import retry_on_io
+from tasks.storage import ObjectInfo, Storage
+
+logger = logging.getLogger(__name__)
+
+SHARD_IMAGES = 4096
+
+
+class LakeSnapshot(BaseModel):
+    """What one scan of the lake found (small; the rows are in ``listing``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    lake: str
+    listing: str  # workspace-relative Parquet snapshot (schema LISTING)
+    images_key: str
+    catalog_key: str
+    image_config_key: str
+    num_objects: int
+    num_images: int
+    num_unique: int
+    num_quarantined: int
+    num_read: int
+    num_decoded: int
+    has_labels: bool
+    labels_fingerprint: str | None
+
+
+def index_path(lake: Storage) -> str:
+    """Workspace-relative path of the lake's index (previous scan, per lake URL)."""
+    return f"lake-index/{hashlib.sha256(lake.url.encode()).hexdigest()[:24]}.parquet"
+
+
+def lake_objects(lake: Storage, workspace: Storage) -> list[ObjectInfo]:
+    """The lake's image candidates: everything but the labels sidecar and a nested workspace."""
+    nested = ""
+    if workspace.protocol == lake.protocol and workspace.root.startswith(lake.root + "/"):
+        nested = workspace.root[len(lake.root) + 1 :] + "/"
+    return [
+        o
+        for o in lake.list_objects()
+        if o.key != LABELS_SIDECAR and not (nested and o.key.startswith(nested))
+    ]
+
+
+def read_labels(lake: Storage) -> tuple[dict[str, int], str | None]:
+    """The labels sidecar as ``{key: label}`` and its fingerprint (empty, None when absent).
+
+    Raises:
+        ScanLakeError: the sidecar exists but is not a (key, label) Parquet table.
+    """
+    if not lake.exists(LABELS_SIDECAR):
+        return {}, None
+    data = lake.read_bytes(LABELS_SIDECAR)
+    try:
+        parsed = pq.read_table(pa.BufferReader(data), columns=["key", "label"])
+    except Exception as exc:
+        raise ScanLakeError(
+            f"The labels sidecar {lake.uri(LABELS_SIDECAR)} is not a Parquet table with columns "
+            f"key and label ({exc}): fix or remove it."
+        ) from exc
+    labels = dict(zip(parsed["key"].to_pylist(), parsed["label"].to_pylist(), strict=True))
+    return labels, hashlib.sha256(data).hexdigest()
+
+
+def _previous_index(workspace: Storage, rel: str) -> dict[str, dict[str, Any]]:
+    if not workspace.exists(rel):
+        return {}
+    rows = workspace.read_table(rel).to_pylist()
+    return {row["key"]: row for row in rows}
+
+
+def scan_lake_fn(lake_url: str, workspace_url: str, image_config: dict[str, Any]) -> LakeSnapshot:
+    """List and fingerprint the lake, decode new images into the pixel store, write a snapshot.
+
+    Raises:
+        ScanLakeError: unreachable lake or workspace, a lake without objects.
+    """
+    settings = MachineSettings()
+    config = ImageConfig.model_validate(image_config)
+    lake, workspace = Storage(lake_url, settings), Storage(workspace_url, settings)
+    objects = lake_objects(lake, workspace)
+    if not objects:
+        raise ScanLakeError(
+            f"The lake '{lake.url}' holds no objects: point --lake at a folder or prefix with "
+            "images."
+        )
+    config_key = keys.image_config_key(config.fingerprint())
+    previous = _previous_index(workspace, index_path(lake))
+    have_pixels = pixels.stored_ids(workspace, config_key)
+
+    rows: dict[str, dict[str, Any]] = {}
+    to_read: list[str] = []
+    for obj in objects:
+        old = previous.get(obj.key)
+        if (
+            old is not None
+            and old["size"] == obj.size
+            and old["version"] == obj.version
+            and (old["reason"] is not None or old["image_id"] in have_pixels)
+        ):
+            rows[obj.key] = old
+        else:
+            to_read.append(obj.key)
+
+    sizes = {o.key: o for o in objects}
+    new_ids: list[str] = []
+    new_pixels: list[bytes] = []
+    decoded = 0
+    for done, (key, data) in enumerate(lake.read_many(to_read, settings.read_batch), start=1):
+        row: dict[str, Any] = {
+            "key": key,
+            "size": len(data),
+            "version": sizes[key].version,
+            "image_id": image_id(data),
+            "reason": None,
+            "format": None,
+            "mode": None,
+            "width": None,
+            "height": None,
+        }
+        try:
+            info = inspect_image(data, config.max_pixels)
+            row.update(format=info.format, mode=info.mode, width=info.width, height=info.height)
+            if row["image_id"] not in have_pixels:
+                tensor = decode_image(data, config)
+                new_ids.append(row["image_id"])
+                new_pixels.append(tensor.numpy().tobytes())
+                have_pixels.add(row["image_id"])
+                decoded += 1
+        except ImageDecodeError as exc:
+            row["reason"] = exc.reason
+        rows[key] = row
+        if len(new_ids) >= SHARD_IMAGES:
+            pixels.write_shard(workspace, config_key, new_ids, new_pixels)
+            new_ids, new_pixels = [], []
+        if done % 256 == 0 or done == len(to_read):
+            progress.report("catalog", done, len(to_read), "objects read")
+    if new_ids:
+        pixels.write_shard(workspace, config_key, new_ids, new_pixels)
+
+    ordered = [rows[o.key] for o in objects]
+    index = pa.Table.from_pylist(ordered, schema=LAKE_INDEX)
+    workspace.write_table(index_path(lake), index, "lake-index")
+
+    labels, labels_fp = read_labels(lake)
+    good = [r for r in ordered if r["reason"] is None]
+    unique = sorted({r["image_id"] for r in good})
+    if not unique:
+        raise ScanLakeError(
+            f"None of the {len(objects)} objects in '{lake.url}' is a usable image (see the "
+            "quarantine reasons in the log): add PNG/JPEG/WEBP/GIF/BMP/TIFF images."
+        )
+    images = keys.images_key(unique, config.fingerprint())
+    pairs = keys.digest_lines(f"{r['key']}\t{r['image_id']}" for r in good)
+    bad = keys.digest_lines(f"{r['key']}\t{r['reason']}" for r in ordered if r["reason"])
+    catalog_key = keys.stage_key(
+        "catalog",
+        config.fingerprint(),
+        {"images": images, "pairs": pairs, "quarantine": bad, "labels": labels_fp or ""},
+    )
+    listing_rel = f"listings/{catalog_key}.parquet"
+    if not workspace.exists(listing_rel):
+        listing = [{**r, "uri": lake.uri(r["key"]), "label": labels.get(r["key"])} for r in ordered]
+        workspace.write_table(
+            listing_rel, pa.Table.from_pylist(listing, schema=LISTING), catalog_key
+        )
+    snapshot = LakeSnapshot(
+        lake=lake.url,
+        listing=listing_rel,
+        images_key=images,
+        catalog_key=catalog_key,
+        image_config_key=config_key,
+        num_objects=len(objects),
+        num_images=len(good),
+        num_unique=len(unique),
+        num_quarantined=len(objects) - len(good),
+        num_read=len(to_read),
+        num_decoded=decoded,
+        has_labels=labels_fp is not None,
+        labels_fingerprint=labels_fp,
+    )
+    logger.info(
+        "lake %s: %d objects, %d images (%d unique), %d quarantined; read %d, decoded %d",
+        lake.url,
+        snapshot.num_objects,
+        snapshot.num_images,
+        snapshot.num_unique,
+        snapshot.num_quarantined,
+        snapshot.num_read,
+        snapshot.num_decoded,
+    )
+    return snapshot
+
+
+@task(
+    name="scan-lake",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_on_io,
+    persist_result=False,
+    cache_policy=NO_CACHE,
+)
+def scan_lake(lake_url: str, workspace_url: str, image_config: dict[str, Any]) -> LakeSnapshot:
+    """Prefect task around :func:`scan_lake_fn` (always runs; retries I/O failures)."""
+    snapshot = scan_lake_fn(lake_url, workspace_url, image_config)
+    get_run_logger().info(
+        "lake scan: %d objects, %d usable (%d unique), %d quarantined, %d read, %d decoded",
+        snapshot.num_objects,
+        snapshot.num_images,
+        snapshot.num_unique,
+        snapshot.num_quarantined,
+        snapshot.num_read,
+        snapshot.num_decoded,
+    )
+    return snapshot
+
+
+def unique_ids(table: pa.Table) -> list[str]:
+    """Sorted unique image_ids of a catalog table: the row order of every training stage."""
+    return sorted(set(table["image_id"].to_pylist()))
+
+
+def first_labels(table: pa.Table, ids: list[str]) -> np.ndarray:
+    """Label of each id (its first labelled catalog row), ``-1`` when unknown."""
+    found: dict[str, int] = {}
+    for image, label in zip(table["image_id"].to_pylist(), table["label"].to_pylist(), strict=True):
+        if label is not None and image not in found:
+            found[image] = int(label)
+    return np.array([found.get(i, -1) for i in ids], dtype=np.int64)

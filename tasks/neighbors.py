@@ -1,0 +1,78 @@
+"""Neighbour mining stage (SCAN step 2): the k nearest neighbours of every unique image."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from prefect import task
+
+from scan_core.config import NeighborsConfig
+from scan_core.neighbors import mine_neighbors
+from tasks.embed import read_embeddings
+from tasks.schemas import NEIGHBORS
+from tasks.stage import STAGE_TASK_OPTIONS, StageOutput, StageRequest, StageRun, run_stage
+from tasks.storage import Storage
+
+NEIGHBORS_FILE = "neighbors.parquet"
+
+
+def read_neighbor_indices(
+    workspace: Storage, neighbors: StageOutput
+) -> tuple[list[str], np.ndarray]:
+    """Ids (sorted unique order) and the ``(N, k)`` neighbour index matrix ``I`` into them."""
+    table = workspace.read_table(f"{neighbors.rel_dir}/{NEIGHBORS_FILE}")
+    ids = table["image_id"].to_pylist()
+    position = {image_id: i for i, image_id in enumerate(ids)}
+    flat = table["neighbor_ids"].combine_chunks()
+    k = int(neighbors.summary["k"])
+    I = np.array([position[i] for i in flat.flatten().to_pylist()], dtype=np.int64)  # noqa: E741
+    return ids, I.reshape(len(ids), k)
+
+
+def neighbors_fn(request: StageRequest, embed: StageOutput) -> StageOutput:
+    """Mine neighbours on the embeddings of ``embed``; write the neighbours table."""
+
+    def body(run: StageRun) -> dict[str, Any]:
+        config = NeighborsConfig.model_validate(request.config)
+        ids, vectors = read_embeddings(run.workspace, embed)
+        result = mine_neighbors(
+            vectors,
+            config.k,
+            index=config.index,
+            exact_below=config.exact_below,
+            recall_sample=config.recall_sample,
+        )
+        id_array = np.array(ids, dtype=object)
+        n, k = result.I.shape
+        neighbor_ids = pa.ListArray.from_arrays(
+            pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)),
+            pa.array(id_array[result.I.reshape(-1)].tolist(), pa.string()),
+        )
+        similarities = pa.ListArray.from_arrays(
+            pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)),
+            pa.array(result.D.reshape(-1).astype(np.float32)),
+        )
+        run.write_table(
+            NEIGHBORS_FILE,
+            pa.table(
+                {"image_id": ids, "neighbor_ids": neighbor_ids, "similarities": similarities},
+                schema=NEIGHBORS,
+            ),
+        )
+        stats = {
+            "recall": result.recall,
+            "seconds": result.seconds,
+            "mean_similarity": float(result.D.mean()),
+        }
+        run.log_metrics({f"neighbors/{k_}": v for k_, v in stats.items()})
+        return {"k": k, "images": n, "index": result.index_kind, **stats}
+
+    return run_stage(request, body)
+
+
+@task(name="mine_neighbors", **STAGE_TASK_OPTIONS)
+def neighbors(request: StageRequest, embed: StageOutput) -> StageOutput:
+    """Neighbour mining stage task (cached on the neighbours key)."""
+    return neighbors_fn(request, embed)

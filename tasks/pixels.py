@@ -1,0 +1,98 @@
+"""The pixel store: decoded images keyed by image_id, so stages load tensors without re-decoding.
+
+Shards ``<workspace>/pixels/<image-config-key>/part-*.parquet`` hold ``(image_id, pixels)`` rows,
+pixels being the uint8 ``(channels, size, size)`` array in C order. The catalog step appends a shard
+with only the images not stored yet.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from scan_core.config import ImageConfig
+from tasks.errors import ScanLakeError
+from tasks.schemas import PIXELS
+from tasks.storage import Storage
+
+PIXELS_DIR = "pixels"
+
+
+def store_dir(image_config_key: str) -> str:
+    """Workspace-relative folder of the pixel store for one image config."""
+    return f"{PIXELS_DIR}/{image_config_key}"
+
+
+def shard_paths(workspace: Storage, image_config_key: str) -> list[str]:
+    """Workspace-relative paths of the store's shards."""
+    prefix = store_dir(image_config_key)
+    return [o.key for o in workspace.list_objects(prefix) if o.key.endswith(".parquet")]
+
+
+def stored_ids(workspace: Storage, image_config_key: str) -> set[str]:
+    """The image_ids the store already holds."""
+    shards = shard_paths(workspace, image_config_key)
+    if not shards:
+        return set()
+    return set(workspace.read_table(shards, columns=["image_id"])["image_id"].to_pylist())
+
+
+def write_shard(
+    workspace: Storage, image_config_key: str, ids: list[str], pixels: list[bytes]
+) -> str:
+    """Append one shard; return its path."""
+    table = pa.table({"image_id": ids, "pixels": pixels}, schema=PIXELS)
+    rel = f"{store_dir(image_config_key)}/part-{uuid.uuid4().hex}.parquet"
+    workspace.write_table(rel, table, image_config_key)
+    return rel
+
+
+def load_pixels(
+    workspace: Storage, image_config_key: str, ids: list[str], config: ImageConfig
+) -> torch.Tensor:
+    """uint8 tensor ``(len(ids), channels, size, size)`` of the images ``ids``, in that order.
+
+    Raises:
+        ScanLakeError: when an image is missing from the store (the workspace was edited by hand).
+    """
+    shape = (config.channels, config.size, config.size)
+    per_image = int(np.prod(shape))
+    shards = shard_paths(workspace, image_config_key)
+    out = np.empty((len(ids), *shape), dtype=np.uint8)
+    if not ids:
+        return torch.from_numpy(out)
+    if not shards:
+        raise ScanLakeError(
+            f"The pixel store {store_dir(image_config_key)} is empty: rerun the pipeline so the "
+            "catalog step decodes the lake again."
+        )
+    wanted: dict[str, list[int]] = {}
+    for row, image_id in enumerate(ids):
+        wanted.setdefault(image_id, []).append(row)
+    flat = out.reshape(len(ids), per_image)
+    found: set[str] = set()
+    for shard in shards:
+        table = workspace.read_table(shard)
+        for id_chunk, pixel_chunk in zip(
+            table["image_id"].chunks, table["pixels"].chunks, strict=True
+        ):
+            offsets = np.frombuffer(pixel_chunk.buffers()[1], dtype=np.int32)
+            offsets = offsets[pixel_chunk.offset : pixel_chunk.offset + len(pixel_chunk) + 1]
+            data = np.frombuffer(pixel_chunk.buffers()[2], dtype=np.uint8)
+            for i, image_id in enumerate(id_chunk.to_pylist()):
+                rows = wanted.get(image_id)
+                if rows is None or image_id in found:
+                    continue
+                start = offsets[i]
+                flat[rows] = data[start : start + per_image]
+                found.add(image_id)
+    if len(found) != len(wanted):
+        missing = next(i for i in wanted if i not in found)
+        raise ScanLakeError(
+            f"{len(wanted) - len(found)} images (e.g. {missing[:12]}) are missing from the pixel "
+            f"store {store_dir(image_config_key)}: delete that folder and rerun the pipeline."
+        )
+    return torch.from_numpy(out)

@@ -1,0 +1,69 @@
+"""Declared pyarrow schemas of every table the pipeline writes (DESIGN.md §2, Parquet contracts).
+
+``image_id`` (the SHA-256 of the object's bytes) is the key everywhere; tables that must cover
+every lake object (the catalog, the assignments) also carry its ``uri``.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+#: Everything the lake scan learned about each object; kept between runs to skip re-reading.
+LAKE_INDEX = pa.schema(
+    [
+        ("key", pa.string()),
+        ("size", pa.int64()),
+        ("version", pa.string()),
+        ("image_id", pa.string()),
+        ("reason", pa.string()),  # null when the object is a usable image
+        ("format", pa.string()),
+        ("mode", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+    ]
+)
+
+#: A lake scan's snapshot: the index rows plus uri and label (input of the catalog stage).
+LISTING = LAKE_INDEX.append(pa.field("uri", pa.string())).append(pa.field("label", pa.int32()))
+
+CATALOG = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("bytes", pa.int64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("mode", pa.string()),
+        ("label", pa.int32()),  # null when the lake has no labels sidecar or no label for it
+    ]
+)
+
+QUARANTINE = pa.schema([("uri", pa.string()), ("reason", pa.string())])
+
+#: The pixel store: decoded uint8 pixels ``(channels, size, size)`` in C order, per image_id.
+PIXELS = pa.schema([("image_id", pa.string()), ("pixels", pa.binary())])
+
+NEIGHBORS = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("neighbor_ids", pa.list_(pa.string())),
+        ("similarities", pa.list_(pa.float32())),
+    ]
+)
+
+ASSIGNMENTS = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("cluster", pa.int32()),
+        ("confidence", pa.float32()),
+        ("probabilities", pa.list_(pa.float32())),
+    ]
+)
+
+IMAGE_IDS = pa.schema([("image_id", pa.string())])
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    """Embeddings table: ``image_id`` and a ``fixed_size_list<float32>[dim]`` embedding."""
+    return pa.schema([("image_id", pa.string()), ("embedding", pa.list_(pa.float32(), dim))])

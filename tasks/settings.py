@@ -1,0 +1,99 @@
+"""Machine settings: where state lives and how to reach S3 and MLflow (DESIGN.md §3.4).
+
+Science settings live in :class:`scan_core.config.PipelineConfig`; everything that depends on the
+machine (endpoints, credentials, local state) comes from the environment through
+pydantic-settings, with ``SCAN_LAKE_`` prefixed variables and the standard AWS ones.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class MachineSettings(BaseSettings):
+    """Settings of the machine the pipeline runs on.
+
+    Attributes:
+        state_dir: Local state (MLflow database, Prefect home); default ``./.scan-lake``.
+        s3_endpoint_url: S3 endpoint (``SCAN_LAKE_S3_ENDPOINT_URL``, else ``AWS_ENDPOINT_URL``);
+            empty for AWS itself.
+        aws_access_key_id: ``AWS_ACCESS_KEY_ID``.
+        aws_secret_access_key: ``AWS_SECRET_ACCESS_KEY``.
+        aws_region: ``AWS_DEFAULT_REGION`` / ``AWS_REGION``.
+        mlflow_tracking_uri: Default ``sqlite:///<state_dir>/mlflow.db``.
+        mlflow_experiment: Experiment that receives the runs.
+        mlflow_artifact_location: Artifact root for a new experiment; default: the MLflow
+            default for a local workspace, ``<workspace>/_mlflow`` for an ``s3://`` one.
+        registered_model: Name of the registered model the final model is registered under.
+        read_batch: Objects read concurrently per batch while cataloguing.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SCAN_LAKE_", extra="ignore")
+
+    state_dir: Path = Path(".scan-lake")
+    s3_endpoint_url: str | None = Field(
+        None, validation_alias=AliasChoices("SCAN_LAKE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
+    )
+    aws_access_key_id: str | None = Field(None, validation_alias="AWS_ACCESS_KEY_ID")
+    aws_secret_access_key: str | None = Field(None, validation_alias="AWS_SECRET_ACCESS_KEY")
+    aws_region: str | None = Field(
+        None, validation_alias=AliasChoices("AWS_DEFAULT_REGION", "AWS_REGION")
+    )
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str = "scan-lake"
+    mlflow_artifact_location: str | None = None
+    registered_model: str = "scan-lake"
+    read_batch: int = Field(512, ge=1)
+
+    @property
+    def tracking_uri(self) -> str:
+        """The MLflow tracking URI (a local sqlite store unless configured)."""
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        return f"sqlite:///{self.state_dir.resolve() / 'mlflow.db'}"
+
+    @property
+    def prefect_home(self) -> Path:
+        """``PREFECT_HOME`` when the user set one, else ``<state_dir>/prefect``."""
+        return Path(os.environ.get("PREFECT_HOME") or self.state_dir.resolve() / "prefect")
+
+    def s3_options(self) -> dict[str, object]:
+        """Keyword arguments for ``s3fs.S3FileSystem`` (endpoint, credentials, short timeouts)."""
+        options: dict[str, object] = {
+            "config_kwargs": {
+                "connect_timeout": 5,
+                "read_timeout": 60,
+                "retries": {"max_attempts": 3, "mode": "standard"},
+            }
+        }
+        client_kwargs: dict[str, object] = {}
+        if self.s3_endpoint_url:
+            client_kwargs["endpoint_url"] = self.s3_endpoint_url
+        if self.aws_region:
+            client_kwargs["region_name"] = self.aws_region
+        if client_kwargs:
+            options["client_kwargs"] = client_kwargs
+        if self.aws_access_key_id and self.aws_secret_access_key:
+            options["key"] = self.aws_access_key_id
+            options["secret"] = self.aws_secret_access_key
+        return options
+
+
+def prepare_environment(settings: MachineSettings) -> None:
+    """Point Prefect and MLflow at this machine's state before either is used.
+
+    Sets ``PREFECT_HOME`` (unless the user set it), a generous ephemeral-server start timeout
+    (the first start migrates the database), no telemetry, and ``MLFLOW_S3_ENDPOINT_URL`` from
+    the S3 endpoint so MLflow's artifact store reaches the same S3.
+    """
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_HOME", str(settings.prefect_home))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if settings.s3_endpoint_url:
+        os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", settings.s3_endpoint_url)

@@ -1,0 +1,255 @@
+"""What every stage task shares: its request, its output, its directory and manifest, its MLflow
+run, and the Prefect cache policy keyed by the stage key (DESIGN.md §2).
+
+A stage writes under ``<workspace>/<stage>/<key>/`` and commits ``_manifest.json`` last; a
+directory without a manifest is never taken as finished. A task whose Prefect cache record is
+gone but whose manifest exists reuses the manifest instead of recomputing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from prefect.context import TaskRunContext
+from pydantic import BaseModel, ConfigDict, Field
+
+from scan_core.training import EpochLog
+from tasks import progress, tracking
+from tasks.settings import MachineSettings
+from tasks.storage import Storage
+from tasks.tracking import TrackingRef
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "_manifest.json"
+
+
+class StageRequest(BaseModel):
+    """What the flow hands a stage task: small values only (DESIGN.md §2, STACK-NOTES)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stage: str
+    key: str
+    workspace: str
+    config: dict[str, Any] = Field(default_factory=dict)
+    tracking: TrackingRef | None = None
+
+    @property
+    def rel_dir(self) -> str:
+        """The stage directory relative to the workspace."""
+        return f"{self.stage}/{self.key}"
+
+
+class StageOutput(BaseModel):
+    """What a stage returns (and Prefect persists as its cached result)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stage: str
+    key: str
+    uri: str
+    rel_dir: str
+    run_id: str | None = None
+    summary: dict[str, Any] = Field(default_factory=dict)
+    seconds: float = 0.0
+    reused: bool = False
+
+
+def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Prefect ``cache_key_fn``: the stage key the flow computed."""
+    return str(parameters["request"].key)
+
+
+class StageRun:
+    """One execution of a stage: its files, its MLflow run, its manifest.
+
+    Args:
+        request: The stage request.
+    """
+
+    def __init__(self, request: StageRequest) -> None:
+        self.request = request
+        self.workspace = Storage(request.workspace)
+        self.run_id: str | None = None
+        self.files: dict[str, int] = {}
+        self._start = time.perf_counter()
+
+    def rel(self, name: str) -> str:
+        """Workspace-relative path of file ``name`` of this stage."""
+        return f"{self.request.rel_dir}/{name}"
+
+    def load_manifest(self) -> StageOutput | None:
+        """The finished stage's output if its manifest exists, else None."""
+        if not self.workspace.exists(self.rel(MANIFEST)):
+            return None
+        manifest = self.workspace.read_json(self.rel(MANIFEST))
+        return StageOutput(
+            stage=self.request.stage,
+            key=self.request.key,
+            uri=self.workspace.uri(self.request.rel_dir),
+            rel_dir=self.request.rel_dir,
+            run_id=manifest.get("mlflow_run_id"),
+            summary=manifest.get("summary", {}),
+            seconds=float(manifest.get("seconds", 0.0)),
+            reused=True,
+        )
+
+    # -- tracking -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the stage's nested MLflow run (params = the stage config)."""
+        ref = self.request.tracking
+        if ref is not None:
+            self.run_id = tracking.start_stage_run(
+                ref,
+                self.request.stage,
+                self.request.config,
+                tags={"stage_key": self.request.key, "cached": "false"},
+            )
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Log metrics to the stage run."""
+        if self.request.tracking is not None and self.run_id is not None:
+            tracking.log_metrics(self.request.tracking, self.run_id, metrics, step)
+
+    def on_epoch(self, log: EpochLog) -> None:
+        """Progress callback for scan_core training loops: MLflow metrics and progress bars."""
+        if self.request.tracking is not None and self.run_id is not None:
+            tracking.log_epoch(self.request.tracking, self.run_id, log)
+        shown = " ".join(f"{k}={v:.4g}" for k, v in log.metrics.items())
+        progress.report(self.request.stage, log.epoch, log.epochs, shown)
+
+    def on_batch(self, done: int, total: int) -> None:
+        """Progress callback for batched inference."""
+        progress.report(self.request.stage, done, total, "images")
+
+    def log_artifact(self, name: str, data: bytes, folder: str | None = None) -> None:
+        """Log bytes as an MLflow artifact of the stage run."""
+        if self.request.tracking is not None and self.run_id is not None:
+            tracking.log_file(self.request.tracking, self.run_id, name, data, folder)
+
+    # -- files --------------------------------------------------------------------------------
+
+    def write_bytes(self, name: str, data: bytes, log: bool = False) -> None:
+        """Write a file of the stage (and log it to MLflow when ``log``)."""
+        self.workspace.write_bytes(self.rel(name), data)
+        self.files[name] = len(data)
+        if log:
+            self.log_artifact(name, data)
+
+    def write_json(self, name: str, value: Any, log: bool = False) -> None:
+        """Write a JSON file of the stage (and log it to MLflow when ``log``)."""
+        self.write_bytes(name, json.dumps(value, indent=2, sort_keys=True).encode(), log=log)
+
+    def write_table(self, name: str, table: pa.Table) -> None:
+        """Write a Parquet table of the stage, stamped with the stage key."""
+        self.files[name] = self.workspace.write_table(self.rel(name), table, self.request.key)
+
+    def read_table(self, name: str, columns: list[str] | None = None) -> pa.Table:
+        """Read a table of this stage."""
+        return self.workspace.read_table(self.rel(name), columns)
+
+    def finish(self, summary: dict[str, Any]) -> StageOutput:
+        """Commit the manifest (last), close the MLflow run and return the stage output."""
+        seconds = time.perf_counter() - self._start
+        manifest = {
+            "stage": self.request.stage,
+            "key": self.request.key,
+            "config": self.request.config,
+            "files": self.files,
+            "mlflow_run_id": self.run_id,
+            "seconds": seconds,
+            "finished_at": dt.datetime.now(dt.UTC).isoformat(),
+            "summary": summary,
+        }
+        self.workspace.write_json(self.rel(MANIFEST), manifest)
+        if self.request.tracking is not None and self.run_id is not None:
+            self.log_metrics({"stage_seconds": seconds})
+            tracking.end_run(self.request.tracking, self.run_id, ok=True)
+        return StageOutput(
+            stage=self.request.stage,
+            key=self.request.key,
+            uri=self.workspace.uri(self.request.rel_dir),
+            rel_dir=self.request.rel_dir,
+            run_id=self.run_id,
+            summary=summary,
+            seconds=seconds,
+        )
+
+    def fail(self) -> None:
+        """Mark the MLflow run failed (no manifest is written)."""
+        if self.request.tracking is not None and self.run_id is not None:
+            tracking.end_run(self.request.tracking, self.run_id, ok=False)
+
+
+def run_stage(request: StageRequest, body: Callable[[StageRun], dict[str, Any]]) -> StageOutput:
+    """Run ``body`` as stage ``request`` unless its manifest already exists.
+
+    ``body`` writes the stage's files through the :class:`StageRun` and returns a small summary
+    (counts, metrics) that goes into the manifest and the output.
+    """
+    run = StageRun(request)
+    existing = run.load_manifest()
+    if existing is not None:
+        logger.info("%s %s: manifest found, reusing it", request.stage, request.key[:12])
+        return existing
+    run.start()
+    try:
+        summary = body(run)
+    except BaseException:
+        run.fail()
+        raise
+    output = run.finish(summary)
+    logger.info("%s %s: done in %.1fs", request.stage, request.key[:12], output.seconds)
+    return output
+
+
+def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry I/O failures, never a user error."""
+    from tasks.errors import ScanLakeError
+
+    try:
+        state.result()
+    except ScanLakeError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+#: Prefect options of every stage task: cached on the stage key, persisted, never expiring.
+STAGE_TASK_OPTIONS: dict[str, Any] = {
+    "cache_key_fn": stage_cache_key,
+    "persist_result": True,
+    "cache_expiration": None,
+}
+
+
+def result_storage_for(workspace: Storage) -> Path | str:
+    """Prefect result storage on the workspace (``<workspace>/_prefect``), so cache records
+    survive a new machine or a fresh ``PREFECT_HOME``.
+
+    A local workspace is a path; a remote one a ``RemoteFileSystem`` block saved under a name
+    derived from its URL (the S3 endpoint goes into the block; credentials stay in the
+    environment).
+    """
+    if workspace.is_local:
+        return Path(workspace.path("_prefect"))
+    from prefect.filesystems import RemoteFileSystem
+
+    options = {
+        k: v for k, v in MachineSettings().s3_options().items() if k not in ("key", "secret")
+    }
+    basepath = workspace.uri("_prefect")
+    name = "scan-lake-" + hashlib.sha256(basepath.encode()).hexdigest()[:16]
+    RemoteFileSystem(basepath=basepath, settings=options).save(name, overwrite=True)
+    return f"remote-file-system/{name}"
