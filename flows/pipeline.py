@@ -52,6 +52,7 @@ class StageRecord(BaseModel):
 
     stage: str
     key: str
+    state: str
     cached: bool
     run_id: str | None
     source_run_id: str | None
@@ -108,6 +109,7 @@ class _Runner:
         self.records[name] = StageRecord(
             stage=name,
             key=request.key,
+            state=str(state.name),
             cached=cached,
             run_id=run_id,
             source_run_id=output.run_id if cached else None,

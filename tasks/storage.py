@@ -110,7 +110,12 @@ class Storage:
         try:
             if self.protocol in ("s3", "s3a"):
                 bucket = self.root.split("/", 1)[0]
-                if not self.fs.exists(bucket):
+                try:
+                    self.fs.ls(bucket, refresh=True)  # raises on an unreachable endpoint
+                    present = True
+                except FileNotFoundError:
+                    present = False
+                if not present:
                     raise ScanLakeError(
                         f"The S3 bucket '{bucket}' of '{self.url}' does not exist: create it or "
                         "fix the URL (and check SCAN_LAKE_S3_ENDPOINT_URL points at the right "

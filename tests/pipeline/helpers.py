@@ -1,0 +1,51 @@
+"""Running the flow the way the CLI does, for the pipeline tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mlflow import MlflowClient
+
+from tasks.config import build_config
+from tests.pipeline.conftest import TINY_CONFIG
+
+ALL_STAGES = [
+    "catalog",
+    "pretext",
+    "embed",
+    "mine_neighbors",
+    "scan",
+    "selflabel",
+    "assign",
+    "evaluate",
+]
+
+
+def run_pipeline(
+    lake: str, workspace: str, overrides: dict[str, Any] | None = None, growth: float = 0.2
+) -> dict[str, Any]:
+    """Run ``scan_pipeline`` with the tiny config (plus overrides)."""
+    from flows.pipeline import scan_pipeline
+
+    config = build_config(TINY_CONFIG, overrides)
+    return scan_pipeline(
+        lake=lake,
+        workspace=workspace,
+        config=config.model_dump(mode="json"),
+        reuse_pretext_growth=growth,
+    )
+
+
+def states(result: dict[str, Any]) -> dict[str, str]:
+    """Stage -> Prefect state name."""
+    return {r["stage"]: r["state"] for r in result["stages"]}
+
+
+def nested_runs(result: dict[str, Any]) -> dict[str, Any]:
+    """Stage -> MLflow nested run of this flow run."""
+    client = MlflowClient(result["mlflow"]["tracking_uri"])
+    parent = result["mlflow"]["parent_run_id"]
+    runs = client.search_runs(
+        [result["mlflow"]["experiment_id"]], f"tags.mlflow.parentRunId = '{parent}'"
+    )
+    return {r.data.tags["stage"]: r for r in runs}
