@@ -158,3 +158,84 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but no CUDA GPU is available; use 'auto'.")
     return device
+
+
+class SuperANDConfig(StageConfig):
+    """Super-AND embedding learning (stage 1 of Han et al. 2020; :mod:`scan_core.superand`).
+
+    Official settings (CIFAR-10, ``super_and.py``): 5 rounds of 200 epochs, batch 128, SGD
+    Nesterov lr 0.03, momentum 0.9, weight decay 5e-4, memory temperature 0.1 and momentum 0.5,
+    25% more anchors per round with 1 neighbour each, ``w(t) = 0.2 * (epoch // 80)``.
+    ``epochs`` counts all rounds together (``epochs // rounds`` per round); the lr steps and
+    ``w(t)`` are scaled to the round length (``ue_warmup_fraction`` = 80 / 200).
+    """
+
+    backbone: BackboneName = "small_cnn"
+    feature_dim: int = Field(128, ge=2)
+    epochs: int = Field(1000, ge=1)
+    rounds: int = Field(5, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(0.03, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    temperature: float = Field(0.1, gt=0)
+    memory_momentum: float = Field(0.5, ge=0, lt=1)
+    anchor_rate: float = Field(0.25, gt=0, le=1)
+    neighbourhood_size: int = Field(1, ge=1)
+    ue_weight: float = Field(0.2, ge=0)
+    ue_warmup_fraction: float = Field(0.4, gt=0, le=1)
+    crop_scale_min: float = Field(0.2, gt=0, le=1)
+    color_jitter: float = Field(0.4, ge=0, le=1)
+    seed: int = 0
+    device: Device = "auto"
+
+    @model_validator(mode="after")
+    def _check_rounds(self) -> SuperANDConfig:
+        if self.epochs < self.rounds:
+            raise ValueError(f"epochs ({self.epochs}) must be at least rounds ({self.rounds})")
+        if self.anchor_rate * (self.rounds - 1) > 1:
+            raise ValueError(
+                f"anchor_rate * (rounds - 1) = {self.anchor_rate * (self.rounds - 1):.2f} would "
+                "make more anchors than samples; lower anchor_rate or rounds"
+            )
+        return self
+
+
+class TwoStageConfig(StageConfig):
+    """Class assignment by mutual information (:mod:`scan_core.twostage`): Han et al.'s stage 2
+    (``twostage``: IIC + ``cp_weight * L_cp``, Norm-FC heads) or IIC alone (``iic``).
+
+    Official two-stage settings (CIFAR-10, ``main.py``): 5 sub-heads, Norm-FC ``tau_c`` 0.1 with
+    random frozen weights, ``L_cp`` weight 1.0 and temperature 0.1, SGD Nesterov lr 0.01,
+    momentum 0.9, weight decay 5e-4, batch 128, 300 epochs. IIC (xu-ji/IIC): Adam lr 1e-4,
+    5 sub-heads, an overclustering head (70 outputs for 10 classes) alternating with the main one.
+    """
+
+    num_clusters: int = Field(10, ge=2)
+    num_heads: int = Field(5, ge=1)
+    overcluster: int = Field(0, ge=0)
+    epochs: int = Field(300, ge=1)
+    batch_size: int = Field(128, ge=2)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    feature_dim: int = Field(128, ge=2)
+    head_temperature: float = Field(0.1, gt=0)
+    freeze_heads: bool = True
+    cp_weight: float = Field(1.0, ge=0)
+    cp_temperature: float = Field(0.1, gt=0)
+    crop_scale_min: float = Field(0.2, gt=0, le=1)
+    color_jitter: float = Field(0.4, ge=0, le=1)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    seed: int = 0
+    device: Device = "auto"
+
+    @model_validator(mode="after")
+    def _check_overcluster(self) -> TwoStageConfig:
+        if 0 < self.overcluster <= self.num_clusters:
+            raise ValueError(
+                f"overcluster ({self.overcluster}) must exceed num_clusters "
+                f"({self.num_clusters}), or be 0 for none"
+            )
+        return self

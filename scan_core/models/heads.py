@@ -113,3 +113,80 @@ class ClusteringModel(nn.Module):
         if not 0 <= index < len(heads):
             raise ValueError(f"head index {index} out of range for {len(heads)} heads")
         self.cluster_heads.heads = nn.ModuleList([heads[index]])
+
+
+class EmbeddingHead(nn.Module):
+    """Linear projection to a low-dimensional L2-normalised embedding.
+
+    The embedding of non-parametric instance discrimination (Wu et al., CVPR 2018, §3.1), AND
+    (Huang et al. 2019) and Super-AND (Han et al. 2020): backbone features -> ``Linear`` ->
+    unit sphere (official: 128-d).
+
+    Shapes:
+        ``(B, in_dim)`` -> ``(B, out_dim)`` with unit L2 norm rows.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 128) -> None:
+        super().__init__()
+        if in_dim < 1 or out_dim < 1:
+            raise ValueError(f"in_dim and out_dim must be >= 1, got {in_dim}, {out_dim}")
+        self.fc = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.fc(x), dim=1)
+
+
+class NormFCLayer(nn.Module):
+    """One normalised fully-connected classifier: cosine logits divided by a temperature.
+
+    ``logits_c = <w_c / |w_c|, x / |x|> / temperature``, no bias (Han et al., ECCV 2020, §3.2).
+
+    Shapes:
+        ``(B, in_dim)`` -> ``(B, num_clusters)`` with values in ``[-1/t, 1/t]``.
+    """
+
+    def __init__(self, in_dim: int, num_clusters: int, temperature: float = 0.1) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.weight = nn.Parameter(torch.empty(num_clusters, in_dim))
+        nn.init.normal_(self.weight)  # official initialisation
+        self.temperature = temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1)) / self.temperature
+
+
+class NormFCHead(ClusterHeads):
+    """Several normalised-FC cluster heads (Han et al., ECCV 2020, §3.2 "Norm-FC classifier").
+
+    Each sub-head has one weight vector per cluster, L2-normalised, no bias, and divides the
+    cosine with the (L2-normalised) embedding by the temperature ``tau_c`` (official 0.1; the
+    paper's ablation: 81.0% ACC on CIFAR-10 vs 56.0% without weight normalisation and 19.5% with
+    ``tau_c = 1``). Official: 5 sub-heads whose random weights stay frozen, set
+    ``requires_grad_(False)`` for that. A drop-in for :class:`ClusterHeads`, so a
+    :class:`ClusteringModel` can carry it.
+
+    Note:
+        The official code stores the weights as ``(in_dim, C)`` and normalises each *row*
+        (every feature's weights across clusters); this class normalises each cluster's weight
+        vector, as the paper describes.
+
+    Args:
+        in_dim: Embedding size (128).
+        num_clusters: Outputs per head (C).
+        num_heads: Number of sub-heads (H, official 5).
+        temperature: tau_c (official 0.1).
+
+    Shapes:
+        ``(B, in_dim)`` -> logits ``(H, B, C)``.
+    """
+
+    def __init__(
+        self, in_dim: int, num_clusters: int, num_heads: int = 5, temperature: float = 0.1
+    ) -> None:
+        super().__init__(in_dim, num_clusters, num_heads)
+        self.heads = nn.ModuleList(
+            NormFCLayer(in_dim, num_clusters, temperature) for _ in range(num_heads)
+        )
+        self.temperature = temperature

@@ -1,0 +1,278 @@
+"""Class assignment by mutual information: Han et al.'s stage 2 and IIC (DESIGN.md §1, last part).
+
+``method="twostage"`` is stage 2 of Han et al., ECCV 2020 ("Mitigating Embedding and Class
+Assignment Mismatch in Unsupervised Image Classification"; official code ``main.py``): the
+pretrained network up to its L2-normalised 128-d embedding is refined while Norm-FC sub-heads
+(:class:`~scan_core.models.NormFCHead`, ``tau_c = 0.1``, random and frozen in the official code)
+assign classes, minimising
+
+    ``L = mean_h L_assign(head h) + lambda * L_cp``  (official lambda = 1.0, 5 sub-heads)
+
+with ``L_assign`` the IIC loss on the two augmented views' predictions
+(:class:`~scan_core.losses.IICLoss`) and ``L_cp`` the consistency-preserving instance loss on the
+embedding (:class:`~scan_core.losses.ConsistencyPreservingLoss`, tau 0.1).
+
+``method="iic"`` is IIC alone (Ji et al., ICCV 2019): plain linear sub-heads on the backbone
+features trained with the IIC loss, optionally alternating each epoch with an overclustering head
+(IIC's head A, ``config.overcluster`` outputs) as the IIC paper does; the overclustering head only
+shapes the features and is discarded.
+
+Both return a :class:`~scan_core.clustering.ScanResult` whose model is a plain
+:class:`~scan_core.models.ClusteringModel` (for ``twostage`` its backbone is the pretext backbone
+followed by the embedding head, :class:`EmbeddingBackbone`), so prediction
+(:func:`scan_core.inference.predict_probabilities`) and self-labeling work unchanged. As in
+:func:`scan_core.clustering.train_scan`, a random ``config.val_fraction`` of the images is held
+out and the sub-head with the lowest held-out IIC loss is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scan_core.clustering import ScanResult, ValidationProbe, split_validation
+from scan_core.config import TwoStageConfig, resolve_device
+from scan_core.losses import ConsistencyPreservingLoss, IICLoss
+from scan_core.models import Backbone, ClusterHeads, ClusteringModel, EmbeddingHead, NormFCHead
+from scan_core.training import (
+    EpochTimer,
+    ProgressCallback,
+    cosine_lr,
+    iterate_batches,
+    seed_everything,
+    set_lr,
+)
+from scan_core.transforms import IdentityTransform, SimCLRTransform
+
+logger = logging.getLogger(__name__)
+
+AssignmentMethod = Literal["twostage", "iic"]
+
+
+class EmbeddingBackbone(Backbone):
+    """A backbone followed by an embedding head (e.g. the pretext model's), as one backbone.
+
+    Shapes:
+        images ``(B, C, H, W)`` -> ``(B, out_dim)`` L2-normalised embeddings, ``out_dim`` being
+        the head's output size.
+    """
+
+    def __init__(self, backbone: Backbone, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        device = next(iter(head.parameters()), torch.zeros(0)).device
+        with torch.no_grad():
+            self.out_dim = int(head(torch.zeros(1, backbone.out_dim, device=device)).shape[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.backbone(x)), dim=1)
+
+
+def build_assignment_model(
+    backbone: Backbone,
+    config: TwoStageConfig,
+    method: AssignmentMethod,
+    embedding_head: nn.Module | None = None,
+) -> ClusteringModel:
+    """The network to train: copies of ``backbone`` (and ``embedding_head``) + cluster heads.
+
+    ``twostage``: ``EmbeddingBackbone(backbone, embedding_head)`` + :class:`NormFCHead` (frozen
+    when ``config.freeze_heads``); a fresh :class:`EmbeddingHead` to ``config.feature_dim`` when
+    no head is given. ``iic``: ``backbone`` + linear :class:`ClusterHeads`.
+    """
+    if method == "twostage":
+        head = (
+            copy.deepcopy(embedding_head)
+            if embedding_head is not None
+            else EmbeddingHead(backbone.out_dim, config.feature_dim)
+        )
+        net = EmbeddingBackbone(copy.deepcopy(backbone), head)
+        model = ClusteringModel(net, config.num_clusters, config.num_heads)
+        model.cluster_heads = NormFCHead(
+            net.out_dim, config.num_clusters, config.num_heads, config.head_temperature
+        )
+        if config.freeze_heads:
+            model.cluster_heads.requires_grad_(False)
+        return model
+    if method == "iic":
+        return ClusteringModel(copy.deepcopy(backbone), config.num_clusters, config.num_heads)
+    raise ValueError(f"Unknown class-assignment method '{method}': choose twostage or iic.")
+
+
+def iic_validation_losses(
+    model: ClusteringModel,
+    images: torch.Tensor,
+    val_indices: np.ndarray,
+    augment: nn.Module,
+    criterion: IICLoss,
+    device: str,
+    seed: int,
+    batch_size: int = 1024,
+) -> tuple[list[float], np.ndarray]:
+    """IIC loss per head on held-out images, and their argmax predictions ``(H, n_val)``.
+
+    The joint distribution is accumulated over the whole held-out set from two augmented views
+    drawn with a generator seeded by ``seed`` (the same views every epoch, so the losses of
+    different epochs and heads are comparable); predictions use the un-augmented images.
+    """
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    identity = IdentityTransform()
+    joints: torch.Tensor | None = None
+    predictions = []
+    with torch.inference_mode():
+        for start in range(0, len(val_indices), batch_size):
+            idx = torch.as_tensor(val_indices[start : start + batch_size])
+            x = images[idx].to(device)
+            n = len(idx)
+            views = torch.cat([augment(x, generator), augment(x, generator), identity(x)])
+            probs = F.softmax(model(views.contiguous(memory_format=torch.channels_last)), dim=2)
+            batch_joint = probs[:, :n].transpose(1, 2) @ probs[:, n : 2 * n]  # (H, C, C)
+            joints = batch_joint if joints is None else joints + batch_joint
+            predictions.append(probs[:, 2 * n :].argmax(dim=2).cpu())
+    if joints is None:
+        raise ValueError("the held-out set is empty")
+    joints = (joints + joints.transpose(1, 2)) / 2
+    losses = [float(criterion.from_joint(j / j.sum())) for j in joints]
+    return losses, torch.cat(predictions, dim=1).numpy()
+
+
+def train_twostage(
+    images: torch.Tensor,
+    backbone: Backbone,
+    config: TwoStageConfig,
+    progress: ProgressCallback | None = None,
+    method: AssignmentMethod = "twostage",
+    *,
+    embedding_head: nn.Module | None = None,
+    probe: ValidationProbe | None = None,
+) -> ScanResult:
+    """Train class assignment with the IIC loss (+ ``L_cp`` for ``twostage``) on uint8 images.
+
+    Each step draws two :class:`SimCLRTransform` views of a batch (the official two-stage code
+    uses its pretext augmentation for both views), embeds them, and minimises the IIC loss
+    averaged over the sub-heads, plus ``config.cp_weight * L_cp`` on the embeddings for
+    ``twostage``. With ``config.overcluster > 0`` every epoch first makes one pass with an
+    overclustering head of that many clusters, then one with the main heads (IIC's alternation).
+    The learning rate follows a cosine schedule (the official code uses steps).
+
+    Args:
+        images: uint8 ``(N, C, H, W)``.
+        backbone: The pretext backbone; it is copied, never modified.
+        config: Settings (official two-stage defaults in :class:`TwoStageConfig`).
+        progress: Called after every epoch.
+        method: ``"twostage"`` (Han et al.) or ``"iic"`` (Ji et al.).
+        embedding_head: For ``twostage``, the pretext model's embedding head (its output is
+            L2-normalised and refined); ``pretext_model.head`` for SimCLR or Super-AND.
+        probe: Optional ``(val_indices, val_predictions_of_best_head) -> metrics``.
+
+    Returns:
+        A :class:`ScanResult` (best head kept); ``head_losses`` are held-out IIC losses.
+    """
+    if images.dim() != 4 or images.dtype != torch.uint8:
+        raise ValueError(
+            f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
+        )
+    n = images.shape[0]
+    if config.num_clusters > n:
+        raise ValueError(f"cannot form {config.num_clusters} clusters from {n} images")
+    if method not in ("twostage", "iic"):
+        raise ValueError(f"Unknown class-assignment method '{method}': choose twostage or iic.")
+    device = resolve_device(config.device)
+    generator = seed_everything(config.seed)
+    model = build_assignment_model(backbone, config, method, embedding_head)
+    passes: list[nn.Module] = [model.cluster_heads]
+    if config.overcluster > 0:
+        over: ClusterHeads
+        if method == "twostage":
+            over = NormFCHead(
+                model.backbone.out_dim,
+                config.overcluster,
+                config.num_heads,
+                config.head_temperature,
+            )
+            if config.freeze_heads:
+                over.requires_grad_(False)
+        else:
+            over = ClusterHeads(model.backbone.out_dim, config.overcluster, config.num_heads)
+        passes = [over, model.cluster_heads]  # IIC trains head A (overclustering) first
+    modules = nn.ModuleList([model, *passes[:-1]]).to(device).to(memory_format=torch.channels_last)
+    params = [p for p in modules.parameters() if p.requires_grad]
+    optimizer: torch.optim.Optimizer
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(
+            params,
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            nesterov=config.momentum > 0,
+        )
+    else:
+        optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    augment = SimCLRTransform(crop_scale_min=config.crop_scale_min, jitter=config.color_jitter)
+    iic = IICLoss()
+    cp = ConsistencyPreservingLoss(config.cp_temperature)
+    train_idx, val_idx = split_validation(n, config.val_fraction, generator)
+    batch_size = min(config.batch_size, len(train_idx))
+    timer = EpochTimer(method, config.epochs, progress)
+    head_losses: list[float] = []
+    for epoch in range(config.epochs):
+        timer.start()
+        lr = cosine_lr(config.lr, epoch, config.epochs)
+        set_lr(optimizer, lr)
+        model.train()
+        sums, steps = np.zeros(3), 0
+        for heads in passes:
+            for batch in iterate_batches(len(train_idx), batch_size, generator):
+                idx = torch.as_tensor(train_idx)[batch]
+                b = len(idx)
+                x = images[idx].to(device, non_blocking=True)
+                views = torch.cat([augment(x, generator), augment(x, generator)])
+                emb = model.backbone(views.contiguous(memory_format=torch.channels_last))
+                logits = heads(emb)  # (H, 2B, C)
+                loss_mi = torch.stack([iic(h[:b], h[b:]) for h in logits]).mean()
+                loss = loss_mi
+                loss_cp = torch.zeros((), device=device)
+                if method == "twostage" and config.cp_weight > 0:
+                    loss_cp = cp(emb[:b], emb[b:])
+                    loss = loss + config.cp_weight * loss_cp
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if heads is model.cluster_heads:
+                    sums += [float(loss.detach()), float(loss_mi.detach()), float(loss_cp.detach())]
+                    steps += 1
+        head_losses, val_pred = iic_validation_losses(
+            model, images, val_idx, augment, iic, device, seed=config.seed + 1
+        )
+        best = int(np.argmin(head_losses))
+        mean = sums / max(steps, 1)
+        metrics = {
+            "loss": mean[0],
+            "iic": mean[1],
+            "cp": mean[2],
+            "val_loss": head_losses[best],
+            "best_head": float(best),
+            "lr": lr,
+        }
+        if probe is not None:
+            metrics.update(probe(val_idx, val_pred[best]))
+        timer.done(epoch + 1, metrics)
+    best = int(np.argmin(head_losses))
+    model.keep_head(best)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return ScanResult(
+        model=model.cpu().to(memory_format=torch.contiguous_format),
+        best_head=best,
+        head_losses=head_losses,
+        history=timer.history,
+        val_indices=val_idx,
+    )
