@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -16,6 +17,7 @@ from rich.table import Table
 
 from tasks.errors import ScanLakeError
 from tasks.settings import MachineSettings, prepare_environment
+from tasks.storage import Storage
 
 app = typer.Typer(
     add_completion=False,
@@ -50,9 +52,30 @@ class _Bars:
         )
 
 
+class _QuietUserErrors(logging.Filter):
+    """Drop the traceback from Prefect's log records of a :class:`ScanLakeError` (the CLI prints
+    the one-sentence message; ``--debug`` keeps tracebacks)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], ScanLakeError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_prefect_tracebacks() -> None:
+    if state["debug"]:
+        return
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _QuietUserErrors) for f in target.filters):
+            target.addFilter(_QuietUserErrors())
+
+
 def _run_flow(lake: str, workspace: str, config: dict[str, Any], growth: float) -> dict[str, Any]:
     from flows.pipeline import scan_pipeline
     from tasks import progress as progress_hub
+
+    _quiet_prefect_tracebacks()
 
     columns = (
         TextColumn("{task.description}"),
@@ -60,7 +83,9 @@ def _run_flow(lake: str, workspace: str, config: dict[str, Any], growth: float) 
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console, transient=False) as bars:
+    with Progress(
+        *columns, console=console, transient=False, redirect_stdout=False, redirect_stderr=False
+    ) as bars:
         reporter = _Bars(bars)
         progress_hub.add_reporter(reporter)
         try:
@@ -108,7 +133,7 @@ def _report(result: dict[str, Any], settings: MachineSettings, seconds: float) -
 def _fail(exc: BaseException) -> None:
     if state["debug"]:
         raise exc
-    console.print(f"[bold red]error:[/] {exc}")
+    console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -132,6 +157,8 @@ def run(
 
         cfg = build_config(config, parse_overrides(set_ or []), clusters)
         settings = MachineSettings()
+        Storage(lake, settings).check_reachable()  # fail fast, before Prefect starts
+        Storage(workspace, settings).check_reachable(create=True)
         prepare_environment(settings)
         start = time.perf_counter()
         result = _run_flow(lake, workspace, cfg.model_dump(mode="json"), reuse_pretext_growth)

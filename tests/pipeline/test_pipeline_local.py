@@ -1,0 +1,88 @@
+"""The whole flow on a tiny lake in a local folder: first run, manifest reuse without Prefect's
+cache records, and a lake that grew by 10% (backbone reused, only new images embedded)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from scan_core.data import lake_key
+from tests.pipeline.conftest import lake_contents
+from tests.pipeline.helpers import ALL_STAGES, nested_runs, run_pipeline, states
+
+pytestmark = pytest.mark.integration
+
+
+def write_local(root: Path, objects: dict[str, bytes]) -> None:
+    for key, data in objects.items():
+        path = root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+@pytest.fixture(scope="module")
+def local_setup(
+    pipeline_env: Path,
+    prefect_server: None,
+    fashion: tuple[np.ndarray, np.ndarray],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, Any]]:
+    os.environ["SCAN_LAKE_MLFLOW_EXPERIMENT"] = "scan-lake-local"
+    root = tmp_path_factory.mktemp("local")
+    lake, workspace = root / "lake", root / "lake" / "_workspace"  # a nested workspace
+    images, labels = fashion
+    write_local(lake, lake_contents(images[:120], labels[:120], extras=False))
+    first = run_pipeline(str(lake), str(workspace))
+    yield {"lake": lake, "workspace": workspace, "first": first, "fashion": fashion}
+    os.environ.pop("SCAN_LAKE_MLFLOW_EXPERIMENT", None)
+
+
+def test_first_run_on_a_local_folder(local_setup: dict[str, Any]) -> None:
+    first = local_setup["first"]
+    assert first["stages_run"] == ALL_STAGES
+    assert first["counts"]["objects"] == 120  # the nested workspace is not part of the lake
+    assert first["counts"]["quarantined"] == 0
+    assert first["metrics"]["num_samples"] == 120.0
+    workspace: Path = local_setup["workspace"]
+    for record in first["stages"]:
+        assert (workspace / record["stage"] / record["key"] / "_manifest.json").is_file()
+    assert (workspace / "_prefect").is_dir()
+
+
+def test_manifest_reused_when_prefect_cache_records_are_gone(local_setup: dict[str, Any]) -> None:
+    shutil.rmtree(local_setup["workspace"] / "_prefect")
+    again = run_pipeline(str(local_setup["lake"]), str(local_setup["workspace"]))
+    assert again["stages_run"] == []
+    assert set(states(again).values()) == {"Completed"}  # ran, found the manifest, reused it
+    first_ids = {r["stage"]: r["run_id"] for r in local_setup["first"]["stages"]}
+    for stage, run in nested_runs(again).items():
+        assert run.data.tags["cached"] == "true"
+        assert run.data.tags["source_run_id"] == first_ids[stage]
+    third = run_pipeline(str(local_setup["lake"]), str(local_setup["workspace"]))
+    assert set(states(third).values()) == {"Cached"}  # the records were written again
+
+
+def test_new_images_reuse_the_backbone_and_embed_only_new_ones(
+    local_setup: dict[str, Any],
+) -> None:
+    images, labels = local_setup["fashion"]
+    lake: Path = local_setup["lake"]
+    for i in range(120, 132):  # 10% more images
+        from scan_core.data import encode_png
+
+        path = lake / lake_key(i)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode_png(images[i]))
+    grown = run_pipeline(str(lake), str(local_setup["workspace"]))
+    assert "pretext" not in grown["stages_run"]
+    assert states(grown)["pretext"] == "Cached"
+    assert grown["stages_run"] == [s for s in ALL_STAGES if s != "pretext"]
+    assert grown["counts"]["images_embedded"] == 12
+    assert grown["counts"]["objects_read"] == 12
+    assert grown["counts"]["unique_images"] == 132
