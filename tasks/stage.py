@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+from prefect import get_run_logger
 from prefect.context import TaskRunContext
+from prefect.exceptions import MissingContextError
 from pydantic import BaseModel, ConfigDict, Field
 
 from scan_core.training import EpochLog
@@ -127,6 +129,13 @@ class StageRun:
             tracking.log_epoch(self.request.tracking, self.run_id, log)
         shown = " ".join(f"{k}={v:.4g}" for k, v in log.metrics.items())
         progress.report(self.request.stage, log.epoch, log.epochs, shown)
+        try:
+            run_logger: Any = get_run_logger()
+        except MissingContextError:
+            run_logger = logger
+        run_logger.info(
+            "%s epoch %d/%d %s (%.1fs)", log.stage, log.epoch, log.epochs, shown, log.seconds
+        )
 
     def on_batch(self, done: int, total: int) -> None:
         """Progress callback for batched inference."""
