@@ -175,6 +175,14 @@ def write_objects(fs: object, root: str, objects: dict[str, bytes]) -> None:
         fs.pipe_file(path, data)  # type: ignore[attr-defined]
 
 
+def write_local(root: Path, objects: dict[str, bytes]) -> None:
+    """Write ``objects`` under the local folder ``root``."""
+    for key, data in objects.items():
+        path = root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
 @pytest.fixture
 def s3fs_client(pipeline_env: Path) -> object:
     """An s3fs filesystem on the test endpoint."""

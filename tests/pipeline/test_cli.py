@@ -12,8 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tests.pipeline.conftest import TINY_CONFIG, lake_contents
-from tests.pipeline.test_pipeline_local import write_local
+from tests.pipeline.conftest import TINY_CONFIG, lake_contents, write_local
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,17 +13,10 @@ import numpy as np
 import pytest
 
 from scan_core.data import lake_key
-from tests.pipeline.conftest import lake_contents
+from tests.pipeline.conftest import lake_contents, write_local
 from tests.pipeline.helpers import ALL_STAGES, nested_runs, run_pipeline, states
 
 pytestmark = pytest.mark.integration
-
-
-def write_local(root: Path, objects: dict[str, bytes]) -> None:
-    for key, data in objects.items():
-        path = root / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
 
 
 @pytest.fixture(scope="module")

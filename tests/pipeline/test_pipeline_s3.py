@@ -148,3 +148,26 @@ def test_fresh_prefect_home_still_hits_the_cache(s3_setup: dict[str, Any], tmp_p
     assert result["stages_run"] == []
     assert set(states(result).values()) == {"Cached"}
     assert "Metrics" in done.stdout and "mlflow ui --backend-store-uri" in done.stdout
+
+
+def test_prefect_markdown_summary(s3_setup: dict[str, Any]) -> None:
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    first = s3_setup["first"]
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["scan-pipeline-summary"])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(first["flow_run_id"])])),
+        )
+    assert len(artifacts) == 1
+    markdown = str(artifacts[0].data)
+    assert "| acc |" in markdown and first["mlflow"]["parent_run_id"] in markdown
+    assert "quarantined 1" in markdown

@@ -18,8 +18,7 @@ from tasks.lake import LakeSnapshot, scan_lake_fn
 from tasks.pixels import load_pixels
 from tasks.stage import StageRequest
 from tasks.storage import Storage
-from tests.pipeline.conftest import lake_contents
-from tests.pipeline.test_pipeline_local import write_local
+from tests.pipeline.conftest import lake_contents, write_local
 
 
 @pytest.fixture
