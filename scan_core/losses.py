@@ -355,7 +355,6 @@ class UELoss(nn.Module):
                 f"{tuple(indices.shape)}"
             )
         if self.self_logit is not None:
-            own = F.one_hot(indices, logits.shape[1]).bool()
-            logits = logits.masked_fill(own, self.self_logit)
+            logits = logits.scatter(1, indices.view(-1, 1), self.self_logit)
         log_p = F.log_softmax(logits, dim=1)
         return -(log_p.exp() * log_p).sum(dim=1).mean()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from scan_core.config import TwoStageConfig
-from scan_core.evaluation import hungarian_accuracy, many_to_one_accuracy
+from scan_core.evaluation import evaluate_clustering, hungarian_accuracy, many_to_one_accuracy
 from scan_core.inference import predict_probabilities
 from scan_core.models import (
     ClusterHeads,
@@ -173,3 +173,13 @@ def test_twostage_validates() -> None:
             TwoStageConfig(num_clusters=2, epochs=1),
             method="kmeans",  # type: ignore[arg-type]
         )
+
+
+def test_overclustering_k20_is_scored_many_to_one() -> None:
+    # 10 classes, each split evenly into 2 of 20 clusters: many-to-one matching is perfect,
+    # Hungarian (one cluster per class) gets half of every class
+    labels = np.repeat(np.arange(10), 6)
+    clusters = labels * 2 + np.tile([0, 0, 0, 1, 1, 1], 10)
+    metrics = evaluate_clustering(labels, clusters, num_clusters=20)
+    assert metrics.num_clusters == 20 and metrics.num_classes == 10
+    assert metrics.many_to_one_acc == 1.0 and metrics.acc == pytest.approx(0.5)
