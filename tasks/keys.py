@@ -19,9 +19,10 @@ import scan_core
 
 _CORE = Path(scan_core.__file__).parent
 
-#: The scan_core modules each stage runs (its code version hashes their source text).
+#: The scan_core modules each stage runs (its code version hashes their source text). The config
+#: module is left out: the config fingerprint already covers the values a stage uses.
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
-    "images": ("images.py", "config.py"),
+    "images": ("images.py",),
     "catalog": ("images.py",),
     "pretext": (
         "pretext.py",
@@ -29,11 +30,10 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
         "transforms.py",
         "losses.py",
         "models",
-        "config.py",
     ),
     "embed": ("inference.py", "transforms.py", "models"),
     "neighbors": ("neighbors.py",),
-    "scan": ("clustering.py", "training.py", "transforms.py", "losses.py", "models", "config.py"),
+    "scan": ("clustering.py", "training.py", "transforms.py", "losses.py", "models"),
     "selflabel": (
         "selflabel.py",
         "training.py",
@@ -41,7 +41,6 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
         "losses.py",
         "inference.py",
         "models",
-        "config.py",
     ),
     "assign": ("inference.py", "transforms.py", "models"),
     "evaluate": ("evaluation.py", "plots.py", "neighbors.py"),
