@@ -151,23 +151,21 @@ def test_fresh_prefect_home_still_hits_the_cache(s3_setup: dict[str, Any], tmp_p
 
 
 def test_prefect_markdown_summary(s3_setup: dict[str, Any]) -> None:
-    from uuid import UUID
-
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        ArtifactFilter,
-        ArtifactFilterKey,
-        FlowRunFilter,
-        FlowRunFilterId,
-    )
 
     first = s3_setup["first"]
+    body = {
+        "artifacts": {
+            "key": {"any_": ["scan-pipeline-summary"]},
+            "flow_run_id": {"any_": [first["flow_run_id"]]},
+        },
+        "limit": 10,
+        "offset": 0,
+        "sort": "CREATED_DESC",
+    }
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["scan-pipeline-summary"])),
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(first["flow_run_id"])])),
-        )
+        artifacts = client.request("POST", "/artifacts/filter", json=body).json()
     assert len(artifacts) == 1
-    markdown = str(artifacts[0].data)
+    markdown = str(artifacts[0]["data"])
     assert "| acc |" in markdown and first["mlflow"]["parent_run_id"] in markdown
     assert "quarantined 1" in markdown
