@@ -36,6 +36,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from scan_core.config import ClusterCountConfig
 from scan_core.losses import SCANLoss, entropy
+from scan_core.training import cosine_lr, set_lr
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ def train_feature_heads(
     """Train ``num_heads`` linear SCAN heads (independent random starts) on frozen features.
 
     Each step takes a batch of anchors from ``train_indices`` and one random mined neighbour of
-    each, and minimises the summed :class:`~scan_core.losses.SCANLoss` of the heads with Adam.
+    each, and minimises the summed :class:`~scan_core.losses.SCANLoss` of the heads with Adam
+    (cosine learning-rate decay, so that every head settles in its optimum).
 
     Args:
         features: ``(N, D)`` pretext embeddings.
@@ -111,7 +113,8 @@ def train_feature_heads(
     criterion = SCANLoss(entropy_weight)
     train = torch.as_tensor(train_indices, dtype=torch.long)
     batch_size = min(batch_size, len(train))
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        set_lr(optimizer, cosine_lr(lr, epoch, epochs))
         order = train[torch.randperm(len(train), generator=generator)]
         for start in range(0, len(order) - batch_size + 1, batch_size):
             anchors = order[start : start + batch_size]

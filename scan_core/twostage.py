@@ -95,7 +95,11 @@ def build_assignment_model(
         net = EmbeddingBackbone(copy.deepcopy(backbone), head)
         model = ClusteringModel(net, config.num_clusters, config.num_heads)
         model.cluster_heads = NormFCHead(
-            net.out_dim, config.num_clusters, config.num_heads, config.head_temperature
+            net.out_dim,
+            config.num_clusters,
+            config.num_heads,
+            config.head_temperature,
+            config.head_norm_axis,
         )
         if config.freeze_heads:
             model.cluster_heads.requires_grad_(False)
@@ -196,6 +200,7 @@ def train_twostage(
                 config.overcluster,
                 config.num_heads,
                 config.head_temperature,
+                config.head_norm_axis,
             )
             if config.freeze_heads:
                 over.requires_grad_(False)

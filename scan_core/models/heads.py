@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -137,56 +139,75 @@ class EmbeddingHead(nn.Module):
 
 
 class NormFCLayer(nn.Module):
-    """One normalised fully-connected classifier: cosine logits divided by a temperature.
+    """One normalised fully-connected classifier: cosine-like logits divided by a temperature.
 
-    ``logits_c = <w_c / |w_c|, x / |x|> / temperature``, no bias (Han et al., ECCV 2020, §3.2).
+    ``logits = (x / |x|) W_n^T / temperature``, no bias (Han et al., ECCV 2020, §3.2), where the
+    weight ``W (C, in_dim)`` is L2-normalised along ``norm_axis``:
+
+    * ``"cluster"``: every cluster's weight vector has unit norm, so logits are cosines in
+      ``[-1/t, 1/t]`` (the paper's description);
+    * ``"feature"``: every embedding dimension's weights across the C clusters have unit norm
+      (the official code's ``Normalize`` over dim 1 of its ``(in_dim, C)`` weight); a cluster
+      vector then has norm about ``sqrt(in_dim / C)``, so logits are that much sharper.
 
     Shapes:
-        ``(B, in_dim)`` -> ``(B, num_clusters)`` with values in ``[-1/t, 1/t]``.
+        ``(B, in_dim)`` -> ``(B, num_clusters)``.
     """
 
-    def __init__(self, in_dim: int, num_clusters: int, temperature: float = 0.1) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        num_clusters: int,
+        temperature: float = 0.1,
+        norm_axis: Literal["cluster", "feature"] = "feature",
+    ) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
+        if norm_axis not in ("cluster", "feature"):
+            raise ValueError(f"norm_axis must be 'cluster' or 'feature', got {norm_axis!r}")
         self.weight = nn.Parameter(torch.empty(num_clusters, in_dim))
         nn.init.normal_(self.weight)  # official initialisation
         self.temperature = temperature
+        self.norm_axis = norm_axis
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1)) / self.temperature
+        weight = F.normalize(self.weight, dim=1 if self.norm_axis == "cluster" else 0)
+        return F.linear(F.normalize(x, dim=1), weight) / self.temperature
 
 
 class NormFCHead(ClusterHeads):
     """Several normalised-FC cluster heads (Han et al., ECCV 2020, §3.2 "Norm-FC classifier").
 
-    Each sub-head has one weight vector per cluster, L2-normalised, no bias, and divides the
-    cosine with the (L2-normalised) embedding by the temperature ``tau_c`` (official 0.1; the
-    paper's ablation: 81.0% ACC on CIFAR-10 vs 56.0% without weight normalisation and 19.5% with
-    ``tau_c = 1``). Official: 5 sub-heads whose random weights stay frozen, set
-    ``requires_grad_(False)`` for that. A drop-in for :class:`ClusterHeads`, so a
-    :class:`ClusteringModel` can carry it.
-
-    Note:
-        The official code stores the weights as ``(in_dim, C)`` and normalises each *row*
-        (every feature's weights across clusters); this class normalises each cluster's weight
-        vector, as the paper describes.
+    Each sub-head (:class:`NormFCLayer`) has L2-normalised weights, no bias, and divides its
+    logits by the temperature ``tau_c`` (official 0.1; the paper's ablation on CIFAR-10: 81.0%
+    ACC, 56.0% without weight normalisation, 19.5% with ``tau_c = 1``). Official: 5 sub-heads
+    whose random weights stay frozen (``requires_grad_(False)``), normalised per embedding
+    dimension (``norm_axis="feature"``, see :class:`NormFCLayer`). A drop-in for
+    :class:`ClusterHeads`, so a :class:`ClusteringModel` can carry it.
 
     Args:
         in_dim: Embedding size (128).
         num_clusters: Outputs per head (C).
         num_heads: Number of sub-heads (H, official 5).
         temperature: tau_c (official 0.1).
+        norm_axis: ``"cluster"`` (unit weight vector per cluster, the paper's wording) or
+            ``"feature"`` (the official code).
 
     Shapes:
         ``(B, in_dim)`` -> logits ``(H, B, C)``.
     """
 
     def __init__(
-        self, in_dim: int, num_clusters: int, num_heads: int = 5, temperature: float = 0.1
+        self,
+        in_dim: int,
+        num_clusters: int,
+        num_heads: int = 5,
+        temperature: float = 0.1,
+        norm_axis: Literal["cluster", "feature"] = "feature",
     ) -> None:
         super().__init__(in_dim, num_clusters, num_heads)
         self.heads = nn.ModuleList(
-            NormFCLayer(in_dim, num_clusters, temperature) for _ in range(num_heads)
+            NormFCLayer(in_dim, num_clusters, temperature, norm_axis) for _ in range(num_heads)
         )
         self.temperature = temperature

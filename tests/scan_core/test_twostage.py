@@ -22,7 +22,7 @@ from tests.scan_core.test_training import synthetic
 
 def test_norm_fc_head_shapes_and_normalisation() -> None:
     torch.manual_seed(0)
-    head = NormFCHead(in_dim=6, num_clusters=4, num_heads=3, temperature=0.1)
+    head = NormFCHead(in_dim=6, num_clusters=4, num_heads=3, temperature=0.1, norm_axis="cluster")
     assert isinstance(head, ClusterHeads) and head.num_clusters == 4
     assert all(not hasattr(h, "bias") for h in head.heads)
     x = torch.randn(5, 6)
@@ -39,7 +39,23 @@ def test_norm_fc_head_shapes_and_normalisation() -> None:
     w = first.weight.detach()[2]
     assert head(w.unsqueeze(0))[0, 0, 2].item() == pytest.approx(10.0, rel=1e-5)
     # the same cosine with tau = 1 is 10 times smaller
-    assert NormFCHead(6, 4, 1, temperature=1.0)(x).abs().max().item() <= 1.0 + 1e-6
+    cosine = NormFCHead(6, 4, 1, temperature=1.0, norm_axis="cluster")(x)
+    assert cosine.abs().max().item() <= 1.0 + 1e-6
+
+
+def test_norm_fc_head_official_feature_axis() -> None:
+    torch.manual_seed(0)
+    head = NormFCHead(in_dim=6, num_clusters=4, num_heads=2)  # official: norm_axis="feature"
+    layer = head.heads[0]
+    assert layer.norm_axis == "feature" and layer.temperature == 0.1
+    # the input e_j reads column j of the normalised weight: its logits * tau have unit norm
+    with torch.no_grad():
+        out = head(torch.eye(6))[0] * 0.1  # (6 inputs, 4 clusters)
+    assert torch.allclose(out.norm(dim=1), torch.ones(6), atol=1e-6)
+    expected = layer.weight / layer.weight.norm(dim=0, keepdim=True)
+    assert torch.allclose(out, expected.T.detach(), atol=1e-6)
+    # a cluster vector's norm is sqrt(in_dim / C) on average: sharper than cosines
+    assert expected.pow(2).sum().item() == pytest.approx(6.0, rel=1e-6)
 
 
 def test_norm_fc_head_validates() -> None:
@@ -49,6 +65,8 @@ def test_norm_fc_head_validates() -> None:
         NormFCHead(4, 1, 1)
     with pytest.raises(ValueError, match="num_heads"):
         NormFCHead(4, 3, 0)
+    with pytest.raises(ValueError, match="norm_axis"):
+        NormFCHead(4, 3, 1, norm_axis="row")  # type: ignore[arg-type]
 
 
 def test_embedding_head_and_backbone_are_unit_norm() -> None:
