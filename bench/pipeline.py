@@ -33,6 +33,13 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / ".work" / "pipeline")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="config override key=value (e.g. scan.epochs=20), repeatable",
+    )
     args = parser.parse_args()
 
     if args.work.exists():
@@ -47,11 +54,11 @@ def main() -> None:
 
     from flows.demo import write_demo_lake
     from flows.pipeline import scan_pipeline
-    from tasks.config import build_config
+    from tasks.config import build_config, parse_overrides
 
     lake, workspace = str(args.work / "lake"), str(args.work / "workspace")
     write_demo_lake(lake, args.images)
-    base = build_config(args.config)
+    base = build_config(args.config, parse_overrides(args.overrides))
     changed = base.with_overrides({"scan.seed": base.scan.seed + 1})
 
     runs: list[dict[str, Any]] = []
@@ -86,6 +93,7 @@ def main() -> None:
         "runs": runs,
         "images": args.images,
         "config": str(args.config.relative_to(ROOT)),
+        "overrides": args.overrides,
         "no_change_fraction_of_first": round(runs[1]["seconds"] / first, 4),
         "machine": {
             "cpus": os.cpu_count(),
@@ -97,7 +105,8 @@ def main() -> None:
     (args.out / "pipeline.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         f"# Pipeline caching benchmark ({args.images} Fashion-MNIST images, "
-        f"{report['config']}, {os.cpu_count()} CPUs)",
+        f"{report['config']} {' '.join(args.overrides)}, {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[1]:.1f} at the end)",
         "",
         "| scenario | seconds | % of first | stages run | objects read | images embedded |",
         "|---|---:|---:|---|---:|---:|",
