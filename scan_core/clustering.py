@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scan_core.config import ScanConfig, resolve_device
+from scan_core.config import ScanConfig, resolve_device, resolve_precision
 from scan_core.losses import SCANLoss, entropy
 from scan_core.models import Backbone, ClusteringModel
 from scan_core.training import (
     EpochLog,
     EpochTimer,
     ProgressCallback,
+    autocast,
     iterate_batches,
     seed_everything,
 )
@@ -50,20 +51,32 @@ def split_validation(
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
+#: Held-out anchors whose SCAN loss is reported after every epoch.
+MONITOR_ANCHORS = 1000
+#: Entropy weight of the held-out SCAN loss that picks the best head (official code: 1).
+VALIDATION_ENTROPY_WEIGHT = 1.0
+
+
 def scan_validation_losses(
     model: ClusteringModel,
     images: torch.Tensor,
     neighbors: np.ndarray,
     val_indices: np.ndarray,
-    entropy_weight: float,
     device: str,
+    *,
+    entropy_weight: float = VALIDATION_ENTROPY_WEIGHT,
+    max_neighbors: int | None = None,
     batch_size: int = 1024,
 ) -> tuple[list[float], np.ndarray]:
-    """SCAN loss per head on held-out anchors and all their neighbours, without augmentation.
+    """SCAN loss per head on held-out anchors and their neighbours, without augmentation.
 
-    The consistency term averages ``-log <p(x), p(n)>`` over every (anchor, neighbour) pair; the
-    entropy term uses the mean prediction over the held-out set. Returns losses per head and the
-    held-out argmax predictions of every head ``(H, n_val)``.
+    The consistency term averages ``-log <p(x), p(n)>`` over every (anchor, neighbour) pair, using
+    the first ``max_neighbors`` neighbours of each anchor (all when ``None``); the entropy term
+    uses the mean prediction over the held-out anchors. As in the official code the entropy
+    weight of this selection loss is 1, whatever the training weight.
+
+    Returns:
+        The loss of every head and the held-out argmax predictions of every head ``(H, n_val)``.
     """
     view = IdentityTransform()
     model.eval()
@@ -77,7 +90,7 @@ def scan_validation_losses(
         return torch.cat(out, dim=1)  # (H, n, C)
 
     p_anchor = probs(val_indices)
-    nbr = neighbors[val_indices]  # (n_val, K)
+    nbr = neighbors[val_indices, :max_neighbors]  # (n_val, K)
     unique, inverse = np.unique(nbr, return_inverse=True)
     p_unique = probs(unique)
     p_nbr = p_unique[:, torch.as_tensor(inverse.reshape(nbr.shape))]  # (H, n_val, K, C)
@@ -86,6 +99,63 @@ def scan_validation_losses(
     ent = entropy(p_anchor.mean(dim=1), dim=-1)
     losses = consistency - entropy_weight * ent
     return [float(v) for v in losses], p_anchor.argmax(dim=2).cpu().numpy()
+
+
+def backbone_features(
+    backbone: nn.Module, images: torch.Tensor, device: str, batch_size: int = 1024
+) -> torch.Tensor:
+    """Backbone features ``(N, D)`` of un-augmented images, in eval mode (no gradients)."""
+    view = IdentityTransform()
+    was_training = backbone.training
+    backbone.eval()
+    out = []
+    with torch.inference_mode():
+        for s in range(0, images.shape[0], batch_size):
+            x = view(images[s : s + batch_size].to(device))
+            out.append(backbone(x.contiguous(memory_format=torch.channels_last)).float())
+    backbone.train(was_training)
+    return torch.cat(out).clone()  # a normal tensor, usable in autograd
+
+
+def warm_up_heads(
+    model: ClusteringModel,
+    features: torch.Tensor,
+    train_idx: np.ndarray,
+    neighbors: torch.Tensor,
+    config: ScanConfig,
+    generator: torch.Generator,
+    progress: ProgressCallback | None,
+) -> None:
+    """Train only the cluster heads with the SCAN loss on frozen, precomputed features.
+
+    This is SCAN's ImageNet regime (backbone frozen, heads trained, paper §4.1) run on features
+    of un-augmented images, so an epoch costs milliseconds instead of a pass through the network.
+    It gives the full-network epochs that follow a head that already clusters, which matters
+    when only a few of them fit the compute budget.
+    """
+    heads = model.cluster_heads
+    optimizer = torch.optim.Adam(
+        heads.parameters(), lr=config.head_warmup_lr, weight_decay=config.weight_decay
+    )
+    criterion = SCANLoss(config.entropy_weight)
+    k = neighbors.shape[1]
+    train_t = torch.as_tensor(train_idx)
+    timer = EpochTimer("scan_warmup", config.head_warmup_epochs, progress)
+    heads.train()
+    for epoch in range(config.head_warmup_epochs):
+        timer.start()
+        total, steps = 0.0, 0
+        for batch in iterate_batches(len(train_idx), config.batch_size, generator):
+            anchors = train_t[batch]
+            nbrs = neighbors[anchors, torch.randint(k, (len(anchors),), generator=generator)]
+            logits = heads(torch.cat([features[anchors], features[nbrs]]))  # (H, 2B, C)
+            loss = sum(criterion(h[: len(anchors)], h[len(anchors) :])[0] for h in logits)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[union-attr]
+            optimizer.step()
+            total += float(loss.detach()) / len(logits)  # type: ignore[union-attr]
+            steps += 1
+        timer.done(epoch + 1, {"loss": total / max(steps, 1)})
 
 
 def train_scan(
@@ -120,6 +190,7 @@ def train_scan(
     if config.num_clusters > n:
         raise ValueError(f"cannot form {config.num_clusters} clusters from {n} images")
     device = resolve_device(config.device)
+    dtype = resolve_precision(config.precision, device)
     generator = seed_everything(config.seed)
     if init_model is not None:
         model = copy.deepcopy(init_model)
@@ -134,9 +205,15 @@ def train_scan(
     augment: nn.Module = StrongTransform() if config.augment == "strong" else WeakTransform()
     criterion = SCANLoss(config.entropy_weight)
     train_idx, val_idx = split_validation(n, config.val_fraction, generator)
+    monitor_idx = val_idx[:MONITOR_ANCHORS]
     neighbors_t = torch.as_tensor(neighbors, dtype=torch.long)
     k = neighbors.shape[1]
     batch_size = min(config.batch_size, len(train_idx))
+    if config.head_warmup_epochs > 0 and init_model is None:
+        features = backbone_features(model.backbone, images, device)
+        warm_up_heads(
+            model, features, train_idx, neighbors_t.to(device), config, generator, progress
+        )
     timer = EpochTimer("scan", config.epochs, progress)
     head_losses: list[float] = []
     for epoch in range(config.epochs):
@@ -152,7 +229,8 @@ def train_scan(
             nbrs = neighbors_t[anchors, pick]
             x = torch.cat([images[anchors], images[nbrs]]).to(device, non_blocking=True)
             x = augment(x, generator).contiguous(memory_format=torch.channels_last)
-            logits = model(x)  # (H, 2B, C)
+            with autocast(device, dtype):
+                logits = model(x).float()  # (H, 2B, C)
             total = torch.zeros((), device=device)
             parts = torch.zeros(2)
             for head_logits in logits:
@@ -166,8 +244,9 @@ def train_scan(
             optimizer.step()
             sums += np.array([float(total.detach()) / len(logits), *(parts / len(logits)).tolist()])
             steps += 1
+        # a cheap per-epoch probe (a sample of held-out anchors, 5 neighbours each)
         head_losses, val_pred = scan_validation_losses(
-            model, images, neighbors, val_idx, config.entropy_weight, device
+            model, images, neighbors, monitor_idx, device, max_neighbors=5
         )
         best = int(np.argmin(head_losses))
         metrics = {
@@ -178,8 +257,10 @@ def train_scan(
             "best_head": float(best),
         }
         if probe is not None:
-            metrics.update(probe(val_idx, val_pred[best]))
+            metrics.update(probe(monitor_idx, val_pred[best]))
         timer.done(epoch + 1, metrics)
+    # the head choice uses every held-out anchor and all its neighbours
+    head_losses, _ = scan_validation_losses(model, images, neighbors, val_idx, device)
     best = int(np.argmin(head_losses))
     model.keep_head(best)
     for p in model.parameters():

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+if TYPE_CHECKING:
+    import torch
+
 BackboneName = Literal["small_cnn", "resnet18_cifar", "resnet18", "resnet50"]
 Device = Literal["auto", "cpu", "cuda"]
+#: Training arithmetic: ``auto`` = bfloat16 autocast where the device computes it natively (a CUDA
+#: GPU with bf16, a CPU with AVX512-BF16 or AMX), float32 elsewhere.
+Precision = Literal["auto", "fp32", "bf16"]
 
 
 class StageConfig(BaseModel):
@@ -67,6 +73,7 @@ class PretextConfig(StageConfig):
     color_jitter: float = Field(0.4, ge=0, le=1)
     seed: int = 0
     device: Device = "auto"
+    precision: Precision = "auto"
 
 
 class NeighborsConfig(StageConfig):
@@ -82,21 +89,32 @@ class ScanConfig(StageConfig):
     """SCAN clustering (SCAN step 3, paper Eq. 2).
 
     Official CIFAR settings: Adam lr 1e-4, weight decay 1e-4, batch 128, entropy weight 5.0,
-    one head, whole network updated.
+    one head, whole network updated. ``head_warmup_epochs`` first trains the heads alone on
+    frozen, precomputed backbone features (SCAN's ImageNet regime without augmentation; off by
+    default), which is cheap and lets a CPU budget spend few full-network epochs well.
     """
 
     num_clusters: int = Field(10, ge=2)
     num_heads: int = Field(1, ge=1)
-    epochs: int = Field(50, ge=1)
+    epochs: int = Field(50, ge=0)
     batch_size: int = Field(128, ge=2)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     entropy_weight: float = Field(5.0, ge=0)
+    head_warmup_epochs: int = Field(0, ge=0)
+    head_warmup_lr: float = Field(1e-2, gt=0)
     update_backbone: bool = True
     augment: Literal["weak", "strong"] = "strong"
     val_fraction: float = Field(0.1, gt=0, lt=1)
     seed: int = 0
     device: Device = "auto"
+    precision: Precision = "auto"
+
+    @model_validator(mode="after")
+    def _check_training(self) -> ScanConfig:
+        if self.epochs + self.head_warmup_epochs == 0:
+            raise ValueError("scan.epochs and scan.head_warmup_epochs cannot both be 0")
+        return self
 
 
 class SelfLabelConfig(StageConfig):
@@ -116,6 +134,7 @@ class SelfLabelConfig(StageConfig):
     patience: int = Field(3, ge=1)
     seed: int = 0
     device: Device = "auto"
+    precision: Precision = "auto"
 
 
 class PipelineConfig(StageConfig):
@@ -147,6 +166,22 @@ class PipelineConfig(StageConfig):
                 raise ValueError(f"Unknown config key '{dotted}'.")
             node[parts[-1]] = value
         return PipelineConfig.model_validate(data)
+
+
+def resolve_precision(precision: str, device: str) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on a resolved ``device`` (None: plain float32)."""
+    import torch
+
+    if precision == "fp32":
+        return None
+    if device.startswith("cuda"):
+        native = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    else:
+        cpu = torch.cpu
+        native = cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported()
+    if precision == "bf16" or native:
+        return torch.bfloat16
+    return None
 
 
 def resolve_device(device: str) -> str:
@@ -188,6 +223,7 @@ class SuperANDConfig(StageConfig):
     color_jitter: float = Field(0.4, ge=0, le=1)
     seed: int = 0
     device: Device = "auto"
+    precision: Precision = "auto"
 
     @model_validator(mode="after")
     def _check_rounds(self) -> SuperANDConfig:
@@ -234,6 +270,7 @@ class TwoStageConfig(StageConfig):
     val_fraction: float = Field(0.1, gt=0, lt=1)
     seed: int = 0
     device: Device = "auto"
+    precision: Precision = "auto"
 
     @model_validator(mode="after")
     def _check_overcluster(self) -> TwoStageConfig:

@@ -8,13 +8,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from scan_core.config import PretextConfig, resolve_device
+from scan_core.config import PretextConfig, resolve_device, resolve_precision
 from scan_core.losses import NTXentLoss, RotNetLoss
 from scan_core.models import PretextModel, RotNetHead, SimCLRProjectionHead, build_backbone
 from scan_core.training import (
     EpochLog,
     EpochTimer,
     ProgressCallback,
+    autocast,
     cosine_lr,
     iterate_batches,
     seed_everything,
@@ -69,6 +70,7 @@ def train_pretext(
     if images.shape[0] < 2:
         raise ValueError(f"pretext training needs at least 2 images, got {images.shape[0]}")
     device = resolve_device(config.device)
+    dtype = resolve_precision(config.precision, device)
     generator = seed_everything(config.seed)
     model = build_pretext_model(config, images.shape[1]).to(device)
     model = model.to(memory_format=torch.channels_last)
@@ -90,11 +92,14 @@ def train_pretext(
             x = images[idx].to(device, non_blocking=True)
             if config.method == "simclr":
                 views = torch.cat([simclr(x, generator), simclr(x, generator)])
-                z = model(views.contiguous(memory_format=torch.channels_last))
+                with autocast(device, dtype):
+                    z = model(views.contiguous(memory_format=torch.channels_last)).float()
                 loss = ntxent(z[: len(idx)], z[len(idx) :])
             else:
                 rotated, labels = rotate_batch(weak(x, generator))
-                loss = rotnet(model(rotated.contiguous(memory_format=torch.channels_last)), labels)
+                with autocast(device, dtype):
+                    logits = model(rotated.contiguous(memory_format=torch.channels_last)).float()
+                loss = rotnet(logits, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from scan_core.clustering import ValidationProbe
-from scan_core.config import SelfLabelConfig, resolve_device
+from scan_core.config import SelfLabelConfig, resolve_device, resolve_precision
 from scan_core.inference import predict_probabilities
 from scan_core.losses import ConfidenceBasedCE
 from scan_core.models import ClusteringModel
@@ -18,6 +18,7 @@ from scan_core.training import (
     EpochLog,
     EpochTimer,
     ProgressCallback,
+    autocast,
     iterate_batches,
     seed_everything,
 )
@@ -65,6 +66,7 @@ def train_selflabel(
         NoConfidentSamplesError: if no image passes the threshold before training.
     """
     device = resolve_device(config.device)
+    dtype = resolve_precision(config.precision, device)
     generator = seed_everything(config.seed)
     model = copy.deepcopy(model).to(device).to(memory_format=torch.channels_last)
     n_confident, predictions = count_confident(model, images, config.threshold, device)
@@ -89,11 +91,13 @@ def train_selflabel(
         loss_sum, steps = 0.0, 0
         for idx in iterate_batches(images.shape[0], batch_size, generator):
             x = images[idx].to(device, non_blocking=True)
-            with torch.no_grad():
+            with torch.no_grad(), autocast(device, dtype):
                 weak_logits = model(weak(x).contiguous(memory_format=torch.channels_last))[0]
-            strong_logits = model(
-                strong(x, generator).contiguous(memory_format=torch.channels_last)
-            )[0]
+            with autocast(device, dtype):
+                strong_logits = model(
+                    strong(x, generator).contiguous(memory_format=torch.channels_last)
+                )[0]
+            weak_logits, strong_logits = weak_logits.float(), strong_logits.float()
             if not bool((weak_logits.softmax(1).max(1).values > config.threshold).any()):
                 continue
             loss, _ = criterion(weak_logits, strong_logits)

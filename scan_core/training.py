@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,6 +61,13 @@ def cosine_lr(base_lr: float, epoch: int, epochs: int, final_fraction: float = 1
     """Cosine decay from ``base_lr`` to ``base_lr * final_fraction`` (SCAN/SimCLR official)."""
     eta_min = base_lr * final_fraction
     return eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * epoch / max(epochs, 1))) / 2
+
+
+def autocast(device: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` to ``dtype`` on ``device``, or a no-op when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
