@@ -137,6 +137,35 @@ class SelfLabelConfig(StageConfig):
     precision: Precision = "auto"
 
 
+class GrowthConfig(StageConfig):
+    """How a growing lake is re-clustered (DESIGN.md §2, "Growing lakes").
+
+    These settings choose which inputs a run builds on (an earlier pretext backbone, the previous
+    run's model); they are not hashed into any stage key themselves: the keys of the inputs they
+    choose are, and a warm stage's key holds its (shorter) epochs.
+
+    Attributes:
+        retrain_pretext_after: Retrain the pretext backbone once the images it was not trained on
+            exceed this fraction of the images it was trained on (0 retrains on every change).
+        warm_start: Start SCAN from the previous run's final model when the backbone, the number
+            of clusters and the SCAN and self-labeling settings are those of the previous run.
+        warm_scan_epochs: SCAN epochs of a warm start (at most ``scan.epochs``).
+        warm_selflabel_epochs: Self-labeling epochs of a warm start (at most ``selflabel.epochs``).
+    """
+
+    retrain_pretext_after: float = Field(0.5, ge=0)
+    warm_start: bool = True
+    warm_scan_epochs: int = Field(5, ge=1)
+    warm_selflabel_epochs: int = Field(2, ge=1)
+
+
+class DuplicatesConfig(StageConfig):
+    """Duplicate report: exact duplicates share a content hash; near-duplicates are kNN pairs
+    whose cosine similarity is at least ``near_threshold``."""
+
+    near_threshold: float = Field(0.98, gt=0, le=1)
+
+
 class PipelineConfig(StageConfig):
     """The whole pipeline's science settings, one section per stage."""
 
@@ -145,6 +174,8 @@ class PipelineConfig(StageConfig):
     neighbors: NeighborsConfig = NeighborsConfig()
     scan: ScanConfig = ScanConfig()
     selflabel: SelfLabelConfig = SelfLabelConfig()
+    growth: GrowthConfig = GrowthConfig()
+    duplicates: DuplicatesConfig = DuplicatesConfig()
 
     @model_validator(mode="after")
     def _check_consistency(self) -> PipelineConfig:
