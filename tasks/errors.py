@@ -1,6 +1,38 @@
-"""The one exception a user can cause and fix: :class:`ScanLakeError`."""
+"""Errors a user can cause and fix: :class:`ScanLakeError`, and how other failures become one.
+
+Everything the CLI prints is one sentence naming the cause and the fix (DESIGN.md §3.11).
+:func:`user_error` turns the failures of the parts we build on (an object store that stopped
+answering, a full disk) into that sentence wherever in the flow they surface: in our storage
+module, in Prefect's result storage or in MLflow's artifact upload.
+"""
 
 from __future__ import annotations
+
+import errno
+
+#: Exception class names (anywhere in the ``__cause__``/``__context__`` chain) that mean the
+#: connection to a server failed or timed out: botocore's, aiohttp's, fsspec's and the builtins.
+TRANSIENT_NAMES = frozenset(
+    {
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ConnectionClosedError",
+        "ProxyConnectionError",
+        "ClientConnectorError",
+        "ClientConnectionError",
+        "ClientOSError",
+        "ServerDisconnectedError",
+        "ServerTimeoutError",
+        "FSTimeoutError",
+        "ConnectionError",
+        "ConnectionRefusedError",
+        "ConnectionResetError",
+        "ConnectionAbortedError",
+        "BrokenPipeError",
+        "TimeoutError",
+    }
+)
 
 
 class ScanLakeError(Exception):
@@ -8,3 +40,62 @@ class ScanLakeError(Exception):
 
     The CLI prints it without a traceback and exits non-zero. Tasks never retry on it.
     """
+
+
+class StorageUnavailableError(ScanLakeError):
+    """The object store stopped answering and our retries with backoff did not bring it back."""
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not s for s in seen):
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a lost or refused connection, or a timeout:
+    worth another try after a pause. A missing object or a denied request is not."""
+    for item in _chain(exc):
+        if isinstance(item, FileNotFoundError | PermissionError):
+            return False
+        if any(cls.__name__ in TRANSIENT_NAMES for cls in type(item).__mro__):
+            return True
+    return False
+
+
+def storage_unavailable(endpoint: str, action: str, exc: BaseException) -> StorageUnavailableError:
+    """The sentence for an object store that stopped answering during ``action``."""
+    return StorageUnavailableError(
+        f"The object store {endpoint} stopped answering while {action} "
+        f"({type(exc).__name__}): check that it is up and reachable, then rerun the same command; "
+        "finished stages are kept and will not be redone."
+    )
+
+
+def user_error(exc: BaseException) -> ScanLakeError | None:
+    """``exc`` as a :class:`ScanLakeError` when a user can fix its cause, else None.
+
+    Recognised: our own errors anywhere in the chain, lost connections to the object store
+    (raised by Prefect's result storage or MLflow's artifact upload, which our retries do not
+    wrap) and a full disk.
+    """
+    chain = _chain(exc)
+    for item in chain:
+        if isinstance(item, ScanLakeError):
+            return item
+    if is_transient(exc):
+        from tasks.settings import MachineSettings
+
+        return storage_unavailable(
+            MachineSettings().s3_endpoint_name, "the pipeline was writing its results", exc
+        )
+    for item in chain:
+        if isinstance(item, OSError) and item.errno in (errno.ENOSPC, errno.EDQUOT):
+            return ScanLakeError(
+                f"No space left on the device ({item}): free some space or point --workspace "
+                "and SCAN_LAKE_STATE_DIR elsewhere, then rerun the same command."
+            )
+    return None

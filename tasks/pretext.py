@@ -20,7 +20,15 @@ from tasks.catalog import read_catalog
 from tasks.lake import unique_ids
 from tasks.pixels import load_pixels
 from tasks.schemas import IMAGE_IDS
-from tasks.stage import MANIFEST, STAGE_TASK_OPTIONS, StageOutput, StageRequest, StageRun, run_stage
+from tasks.stage import (
+    MANIFEST,
+    STAGE_TASK_OPTIONS,
+    StageOutput,
+    StageRequest,
+    StageRun,
+    committed_dir,
+    run_stage,
+)
 from tasks.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -93,7 +101,8 @@ def find_reusable_pretext(
             or summary.get("image_config_key") != image_config_key
         ):
             continue
-        trained = set(workspace.read_table(f"pretext/{key}/{TRAIN_IDS}")["image_id"].to_pylist())
+        files = committed_dir(f"pretext/{key}", manifest)
+        trained = set(workspace.read_table(f"{files}/{TRAIN_IDS}")["image_id"].to_pylist())
         kept = len(trained & current_ids)
         new = len(current_ids - trained)
         if kept and new <= max_growth * kept and (best is None or kept > best[0]):

@@ -30,6 +30,10 @@ class MachineSettings(BaseSettings):
             default for a local workspace, ``<workspace>/_mlflow`` for an ``s3://`` one.
         registered_model: Name of the registered model the final model is registered under.
         read_batch: Objects read concurrently per batch while cataloguing.
+        max_object_bytes: Lake objects larger than this are quarantined without being read.
+        io_attempts: Tries of one object-store call that fails for lack of a connection (the
+            S3 client's own quick retries happen inside each try).
+        io_backoff_seconds: Wait before the second try; it doubles before each further one.
     """
 
     model_config = SettingsConfigDict(env_prefix="SCAN_LAKE_", extra="ignore")
@@ -48,6 +52,14 @@ class MachineSettings(BaseSettings):
     mlflow_artifact_location: str | None = None
     registered_model: str = "scan-lake"
     read_batch: int = Field(512, ge=1)
+    max_object_bytes: int = Field(512 * 2**20, ge=1)
+    io_attempts: int = Field(4, ge=1)
+    io_backoff_seconds: float = Field(2.0, ge=0)
+
+    @property
+    def s3_endpoint_name(self) -> str:
+        """The S3 endpoint as a user would name it in a message."""
+        return self.s3_endpoint_url or "AWS S3"
 
     @property
     def tracking_uri(self) -> str:
@@ -95,5 +107,7 @@ def prepare_environment(settings: MachineSettings) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # our modules' records (storage retries, lake scan) reach the Prefect run logs too
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
     if settings.s3_endpoint_url:
         os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", settings.s3_endpoint_url)

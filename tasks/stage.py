@@ -1,9 +1,13 @@
 """What every stage task shares: its request, its output, its directory and manifest, its MLflow
 run, and the Prefect cache policy keyed by the stage key (DESIGN.md §2).
 
-A stage writes under ``<workspace>/<stage>/<key>/`` and commits ``_manifest.json`` last; a
-directory without a manifest is never taken as finished. A task whose Prefect cache record is
-gone but whose manifest exists reuses the manifest instead of recomputing.
+A stage run writes its files into a folder of its own, ``<workspace>/<stage>/<key>/<attempt>/``,
+then commits ``<stage>/<key>/_manifest.json`` last, naming that folder. The commit is exclusive
+(:meth:`tasks.storage.Storage.create_exclusive`): when two runs compute the same stage at once,
+the first commit wins, the other run adopts it and drops its own folder, so every consumer reads
+one complete set of files. A folder no manifest names (a crashed or killed run) is never read. A
+task whose Prefect cache record is gone but whose manifest exists reuses the manifest instead of
+recomputing.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -66,6 +71,14 @@ class StageOutput(BaseModel):
     reused: bool = False
 
 
+def committed_dir(stage_dir: str, manifest: dict[str, Any]) -> str:
+    """Workspace-relative folder of a committed stage's files: the attempt folder its manifest
+    names under ``stage_dir`` (``<stage>/<key>``), or ``stage_dir`` itself for manifests written
+    before attempt folders existed."""
+    attempt = manifest.get("dir")
+    return f"{stage_dir}/{attempt}" if attempt else stage_dir
+
+
 def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     """Prefect ``cache_key_fn``: the stage key the flow computed."""
     return str(parameters["request"].key)
@@ -84,21 +97,29 @@ class StageRun:
         self.run_id: str | None = None
         self.files: dict[str, int] = {}
         self._start = time.perf_counter()
+        self.attempt = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+        self.dir = f"{request.rel_dir}/{self.attempt}"
+
+    @property
+    def manifest_path(self) -> str:
+        """Workspace-relative path of the stage's manifest."""
+        return f"{self.request.rel_dir}/{MANIFEST}"
 
     def rel(self, name: str) -> str:
-        """Workspace-relative path of file ``name`` of this stage."""
-        return f"{self.request.rel_dir}/{name}"
+        """Workspace-relative path of file ``name`` of this stage run (in its attempt folder)."""
+        return f"{self.dir}/{name}"
 
     def load_manifest(self) -> StageOutput | None:
         """The finished stage's output if its manifest exists, else None."""
-        if not self.workspace.exists(self.rel(MANIFEST)):
+        if not self.workspace.exists(self.manifest_path):
             return None
-        manifest = self.workspace.read_json(self.rel(MANIFEST))
+        manifest = self.workspace.read_json(self.manifest_path)
+        rel_dir = committed_dir(self.request.rel_dir, manifest)
         return StageOutput(
             stage=self.request.stage,
             key=self.request.key,
-            uri=self.workspace.uri(self.request.rel_dir),
-            rel_dir=self.request.rel_dir,
+            uri=self.workspace.uri(rel_dir),
+            rel_dir=rel_dir,
             run_id=manifest.get("mlflow_run_id"),
             summary=manifest.get("summary", {}),
             seconds=float(manifest.get("seconds", 0.0)),
@@ -168,11 +189,16 @@ class StageRun:
         return self.workspace.read_table(self.rel(name), columns)
 
     def finish(self, summary: dict[str, Any]) -> StageOutput:
-        """Commit the manifest (last), close the MLflow run and return the stage output."""
+        """Commit the manifest (last), close the MLflow run and return the stage output.
+
+        When another run committed this stage first, its output is returned (``reused``) and
+        this run's folder is removed; its MLflow run ends ``KILLED`` with a ``discarded`` tag.
+        """
         seconds = time.perf_counter() - self._start
         manifest = {
             "stage": self.request.stage,
             "key": self.request.key,
+            "dir": self.attempt,
             "config": self.request.config,
             "files": self.files,
             "mlflow_run_id": self.run_id,
@@ -180,19 +206,39 @@ class StageRun:
             "finished_at": dt.datetime.now(dt.UTC).isoformat(),
             "summary": summary,
         }
-        self.workspace.write_json(self.rel(MANIFEST), manifest)
+        data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        committed = self.workspace.create_exclusive(self.manifest_path, data)
+        winner = None if committed else self.load_manifest()
+        if winner is not None and winner.rel_dir != self.dir:
+            return self._discard(winner)
         if self.request.tracking is not None and self.run_id is not None:
             self.log_metrics({"stage_seconds": seconds})
             tracking.end_run(self.request.tracking, self.run_id, ok=True)
         return StageOutput(
             stage=self.request.stage,
             key=self.request.key,
-            uri=self.workspace.uri(self.request.rel_dir),
-            rel_dir=self.request.rel_dir,
+            uri=self.workspace.uri(self.dir),
+            rel_dir=self.dir,
             run_id=self.run_id,
             summary=summary,
             seconds=seconds,
         )
+
+    def _discard(self, winner: StageOutput) -> StageOutput:
+        logger.info(
+            "%s %s: another run committed this stage first; using its output",
+            self.request.stage,
+            self.request.key[:12],
+        )
+        if self.request.tracking is not None and self.run_id is not None:
+            tracking.set_tags(
+                self.request.tracking,
+                self.run_id,
+                {"discarded": "another run committed this stage first", "winner": winner.rel_dir},
+            )
+            self.request.tracking.client().set_terminated(self.run_id, "KILLED")
+        self.workspace.remove(self.dir)
+        return winner
 
     def fail(self) -> None:
         """Mark the MLflow run failed (no manifest is written)."""

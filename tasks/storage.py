@@ -1,8 +1,14 @@
 """The one storage module: fsspec URLs (local folders and ``s3://``), listing, batched reads,
-atomic-ish writes, JSON and Parquet with declared schemas (DESIGN.md §3.5).
+atomic writes, JSON and Parquet with declared schemas (DESIGN.md §3.5).
 
 A :class:`Storage` is bound to a root URL (a lake or a workspace); everything else addresses
-objects by a path relative to that root, so stages never build URLs by hand.
+objects by a path relative to that root, so stages never build URLs by hand. Relative paths with
+``.``/``..`` segments or a leading ``/`` are refused, so nothing (an object key from the lake
+included) can address a file outside the root.
+
+Object-store calls that fail for lack of a connection are tried again with exponential backoff
+(``SCAN_LAKE_IO_ATTEMPTS``, ``SCAN_LAKE_IO_BACKOFF_SECONDS``) and then raise
+:class:`~tasks.errors.StorageUnavailableError`, one sentence naming the endpoint and the fix.
 """
 
 from __future__ import annotations
@@ -11,20 +17,23 @@ import io
 import json
 import logging
 import os
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.spec import AbstractFileSystem
 
-from tasks.errors import ScanLakeError
+from tasks.errors import ScanLakeError, is_transient, storage_unavailable
 from tasks.settings import MachineSettings
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Schema metadata key that names the stage key that produced a table.
 STAGE_KEY_METADATA = b"scan_lake.stage_key"
@@ -51,23 +60,39 @@ def _temp_name(path: str) -> str:
     return f"{head}/.tmp-{uuid.uuid4().hex[:12]}-{tail}"
 
 
+def unsafe_key(key: str) -> str | None:
+    """Why ``key`` cannot be used as a path under a root (None when it can): a leading ``/``,
+    a ``.`` or ``..`` segment, or a NUL character would let it name a file outside the root."""
+    if not key:
+        return "empty key"
+    if key.startswith("/"):
+        return "key starts with '/'"
+    if "\x00" in key:
+        return "key contains a NUL character"
+    if any(part in (".", "..") for part in key.split("/")):
+        return "key has a '.' or '..' segment"
+    return None
+
+
 class Storage:
     """Files under one root URL.
 
     Args:
         url: A local path (relative paths are made absolute) or any fsspec URL, e.g.
             ``s3://bucket/prefix``.
-        settings: Machine settings (S3 endpoint and credentials); read from the environment
-            when omitted.
+        settings: Machine settings (S3 endpoint and credentials, retries); read from the
+            environment when omitted.
     """
 
     def __init__(self, url: str, settings: MachineSettings | None = None) -> None:
-        settings = settings or MachineSettings()
+        self.settings = settings or MachineSettings()
         self.protocol = _protocol(url)
         if self.protocol == "file":
             url = os.path.abspath(url.removeprefix("file://"))
         self.url = url.rstrip("/") or "/"
-        options: dict[str, Any] = settings.s3_options() if self.protocol in ("s3", "s3a") else {}
+        options: dict[str, Any] = (
+            self.settings.s3_options() if self.protocol in ("s3", "s3a") else {}
+        )
         try:
             self.fs: AbstractFileSystem = fsspec.filesystem(self.protocol, **options)
         except (ImportError, ValueError) as exc:
@@ -85,8 +110,17 @@ class Storage:
         return self.protocol == "file"
 
     def path(self, rel: str = "") -> str:
-        """The filesystem path of ``rel`` (relative to the root)."""
-        return f"{self.root}/{rel}".rstrip("/") if rel else self.root
+        """The filesystem path of ``rel`` (relative to the root).
+
+        Raises:
+            ValueError: ``rel`` could name something outside the root (see :func:`unsafe_key`).
+        """
+        if not rel:
+            return self.root
+        problem = unsafe_key(rel)
+        if problem is not None:
+            raise ValueError(f"refusing the path {rel!r} under {self.url}: {problem}")
+        return f"{self.root}/{rel}".rstrip("/")
 
     def uri(self, rel: str = "") -> str:
         """The full URL of ``rel``, as a user would type it."""
@@ -95,6 +129,37 @@ class Storage:
     def relative(self, path: str) -> str:
         """Inverse of :meth:`path` for paths under the root."""
         return path[len(self.root) :].lstrip("/")
+
+    def _io(self, action: str, call: Callable[[], T]) -> T:
+        """Run one object-store ``call``; on a lost connection try again with exponential
+        backoff, then raise :class:`StorageUnavailableError` naming ``action``."""
+        if self.is_local:
+            return call()
+        attempts = self.settings.io_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                return call()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                if attempt == attempts:
+                    raise storage_unavailable(
+                        self.settings.s3_endpoint_name,
+                        f"{action} (after {attempts} attempts)",
+                        exc,
+                    ) from exc
+                delay = self.settings.io_backoff_seconds * 2 ** (attempt - 1)
+                logger.warning(
+                    "%s failed (%s); retry %d/%d in %.1f s",
+                    action,
+                    type(exc).__name__,
+                    attempt,
+                    attempts - 1,
+                    delay,
+                )
+                time.sleep(delay)
+                self.fs.invalidate_cache()
+        raise AssertionError("unreachable")
 
     # -- checks -------------------------------------------------------------------------------
 
@@ -142,22 +207,29 @@ class Storage:
 
     # -- listing and reading -----------------------------------------------------------------
 
-    def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
+    def list_objects(self, prefix: str = "", hidden: bool = False) -> list[ObjectInfo]:
         """Every object under ``prefix`` (fresh listing, caches invalidated), sorted by key.
 
-        Hidden names (a path part starting with ``.``) are left out: they are temp files.
+        Args:
+            prefix: Relative folder to list.
+            hidden: Also list names with a part starting with ``.``; left out by default
+                because the workspace's are temp files (a lake's are listed).
         """
-        self.fs.invalidate_cache()
         base = self.path(prefix)
-        if not self.fs.exists(base):
-            return []
-        found = self.fs.find(base, detail=True)
+
+        def find() -> dict[str, Any]:
+            self.fs.invalidate_cache()
+            if not self.fs.exists(base):
+                return {}
+            return dict(self.fs.find(base, detail=True))
+
+        found = self._io(f"listing {self.uri(prefix)}", find)
         out = []
         for path, info in found.items():
             if info.get("type") == "directory":
                 continue
             key = self.relative(path)
-            if any(part.startswith(".") for part in key.split("/")):
+            if not hidden and any(part.startswith(".") for part in key.split("/")):
                 continue
             version = info.get("ETag") or info.get("etag") or info.get("mtime") or ""
             if not isinstance(version, str):
@@ -168,31 +240,70 @@ class Storage:
 
     def exists(self, rel: str) -> bool:
         """Whether ``rel`` exists (no cached answer)."""
-        self.fs.invalidate_cache(self.path(rel))
-        return bool(self.fs.exists(self.path(rel)))
+        path = self.path(rel)
+
+        def check() -> bool:
+            self.fs.invalidate_cache(path)
+            return bool(self.fs.exists(path))
+
+        return self._io(f"looking for {self.uri(rel)}", check)
 
     def read_bytes(self, rel: str) -> bytes:
         """The content of ``rel``."""
-        return bytes(self.fs.cat_file(self.path(rel)))
+        path = self.path(rel)
+        return self._io(f"reading {self.uri(rel)}", lambda: bytes(self.fs.cat_file(path)))
 
-    def read_many(self, keys: list[str], batch: int = 512) -> Iterator[tuple[str, bytes]]:
+    def read_many(
+        self,
+        keys: list[str],
+        batch: int = 512,
+        errors: Literal["raise", "return"] = "raise",
+    ) -> Iterator[tuple[str, bytes | OSError]]:
         """Yield ``(key, content)`` for ``keys``, read ``batch`` at a time (concurrently on S3).
 
+        Lost connections are retried like every call (see :meth:`_io`). With
+        ``errors="return"``, a missing object (deleted since it was listed) or a denied read
+        yields its ``FileNotFoundError`` / ``PermissionError`` in place of the content.
+
         Raises:
-            OSError: the first read that failed (the calling task retries).
+            OSError: the first read that failed otherwise.
         """
         for start in range(0, len(keys), batch):
             chunk = keys[start : start + batch]
             paths = [self.path(k) for k in chunk]
-            if len(paths) == 1:
-                results = {paths[0]: self.fs.cat_file(paths[0])}
-            else:
-                results = self.fs.cat(paths, on_error="return")
+            results = self._read_chunk(paths)
             for key, path in zip(chunk, paths, strict=True):
                 value = results[path]
-                if isinstance(value, BaseException):
+                if not isinstance(value, BaseException):
+                    yield key, bytes(value)
+                elif errors == "return" and isinstance(value, FileNotFoundError | PermissionError):
+                    yield key, value
+                else:
                     raise OSError(f"reading {self.uri(key)} failed: {value}") from value
-                yield key, bytes(value)
+
+    def _cat(self, paths: list[str]) -> dict[str, Any]:
+        if len(paths) != 1:
+            return dict(self.fs.cat(paths, on_error="return"))
+        try:
+            return {paths[0]: self.fs.cat_file(paths[0])}
+        except Exception as exc:
+            return {paths[0]: exc}
+
+    def _read_chunk(self, paths: list[str]) -> dict[str, Any]:
+        """Content (or the exception) of each path; reads that lost the connection are retried."""
+        results: dict[str, Any] = {}
+        pending = list(paths)
+
+        def read() -> None:
+            got = self._cat(pending)
+            lost = [p for p, v in got.items() if isinstance(v, Exception) and is_transient(v)]
+            results.update({p: v for p, v in got.items() if p not in lost})
+            pending[:] = lost
+            if lost:
+                raise got[lost[0]]
+
+        self._io(f"reading {len(paths)} objects of {self.url}", read)
+        return results
 
     def read_json(self, rel: str) -> Any:
         """Parse ``rel`` as JSON."""
@@ -200,29 +311,74 @@ class Storage:
 
     def read_table(self, rel: str | list[str], columns: list[str] | None = None) -> pa.Table:
         """Read one Parquet file, or several with one schema, into a table."""
-        paths = [self.path(r) for r in ([rel] if isinstance(rel, str) else rel)]
-        tables = [pq.read_table(p, filesystem=self.fs, columns=columns) for p in paths]
-        if not tables:
+        rels = [rel] if isinstance(rel, str) else rel
+        if not rels:
             raise FileNotFoundError("no Parquet file to read")
+        tables = [
+            self._io(
+                f"reading {self.uri(r)}",
+                lambda r=r: pq.read_table(self.path(r), filesystem=self.fs, columns=columns),
+            )
+            for r in rels
+        ]
         return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
     # -- writing ------------------------------------------------------------------------------
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write ``data`` to ``rel`` under a temp name, then move it into place, so a reader
-        never sees half an object."""
+        """Write ``data`` to ``rel`` so that a reader never sees half an object: one PUT on S3
+        (atomic there), a temp file renamed into place in a local folder."""
         final = self.path(rel)
-        temp = _temp_name(final)
         parent = final.rpartition("/")[0]
-        if self.is_local:
-            self.fs.makedirs(parent, exist_ok=True)
-        self.fs.pipe_file(temp, data)
+        if not self.is_local:
+            self._io(f"writing {self.uri(rel)}", lambda: self.fs.pipe_file(final, data))
+            self.fs.invalidate_cache(parent)
+            return
+        temp = _temp_name(final)
+        self.fs.makedirs(parent, exist_ok=True)
         try:
-            self.fs.mv(temp, final)
+            self.fs.pipe_file(temp, data)
+            os.replace(temp, final)
         finally:
-            if self.fs.exists(temp):
-                self.fs.rm_file(temp)
+            if os.path.exists(temp):
+                os.unlink(temp)
         self.fs.invalidate_cache(parent)
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Write ``data`` to ``rel`` only if nothing is there yet; return whether it was written.
+
+        Exactly one of several concurrent writers wins: a hard link of a complete temp file in a
+        local folder, ``If-None-Match: *`` on S3 (AWS, SeaweedFS and MinIO honour it). Readers
+        never see half an object.
+        """
+        final = self.path(rel)
+        parent = final.rpartition("/")[0]
+        if not self.is_local:
+
+            def put() -> bool:
+                try:
+                    self.fs.pipe_file(final, data, IfNoneMatch="*")
+                except OSError:
+                    if self.exists(rel):  # 412 Precondition Failed / 409 conflict: it is there
+                        return False
+                    raise
+                return True
+
+            written = self._io(f"writing {self.uri(rel)}", put)
+            self.fs.invalidate_cache(parent)
+            return written
+        temp = _temp_name(final)
+        self.fs.makedirs(parent, exist_ok=True)
+        try:
+            self.fs.pipe_file(temp, data)
+            os.link(temp, final)
+        except FileExistsError:
+            return False
+        finally:
+            if os.path.exists(temp):
+                os.unlink(temp)
+            self.fs.invalidate_cache(parent)
+        return True
 
     def write_json(self, rel: str, value: Any) -> None:
         """Write ``value`` as indented JSON."""
@@ -242,7 +398,8 @@ class Storage:
     def remove(self, rel: str) -> None:
         """Remove ``rel`` and everything under it, if present."""
         if self.exists(rel):
-            self.fs.rm(self.path(rel), recursive=True)
+            path = self.path(rel)
+            self._io(f"removing {self.uri(rel)}", lambda: self.fs.rm(path, recursive=True))
 
 
 def table_stage_key(table: pa.Table) -> str | None:

@@ -17,6 +17,7 @@ import pytest
 import s3fs
 from mlflow import MlflowClient
 
+from tasks.stage import committed_dir
 from tasks.storage import Storage, table_stage_key
 from tests.pipeline.conftest import TINY_CONFIG, lake_contents, write_objects
 from tests.pipeline.helpers import ALL_STAGES, nested_runs, run_pipeline, states
@@ -62,15 +63,17 @@ def test_first_run_runs_every_stage(s3_setup: dict[str, Any]) -> None:
 
     ws = Storage(s3_setup["workspace"])
     stage = {r["stage"]: r for r in first["stages"]}
-    assign_dir = f"assign/{stage['assign']['key']}"
+    manifest = ws.read_json(f"assign/{stage['assign']['key']}/_manifest.json")
+    assign_dir = committed_dir(f"assign/{stage['assign']['key']}", manifest)
     assignments = ws.read_table(f"{assign_dir}/assignments.parquet")
     assert assignments.num_rows == 121  # every usable key, the duplicate included
     assert any(u.endswith("extra/duplicate-of-first.png") for u in assignments["uri"].to_pylist())
     assert table_stage_key(assignments) == stage["assign"]["key"]
-    manifest = ws.read_json(f"{assign_dir}/_manifest.json")
     assert manifest["mlflow_run_id"] == stage["assign"]["run_id"]
     assert "assignments.parquet" in manifest["files"]
-    quarantine = ws.read_table(f"catalog/{stage['catalog']['key']}/quarantine.parquet")
+    catalog_dir = f"catalog/{stage['catalog']['key']}"
+    catalog_dir = committed_dir(catalog_dir, ws.read_json(f"{catalog_dir}/_manifest.json"))
+    quarantine = ws.read_table(f"{catalog_dir}/quarantine.parquet")
     assert quarantine["uri"].to_pylist()[0].endswith("extra/broken.png")
     assert "not an image" in quarantine["reason"].to_pylist()[0]
     # Prefect results live on the workspace

@@ -69,7 +69,7 @@ def test_catalog_task_writes_tables_and_reuses_its_manifest(lake: Path, tmp_path
     ws = Storage(workspace)
     reasons = ws.read_table(f"{out.rel_dir}/quarantine.parquet")["reason"].to_pylist()
     assert any("empty object" in r for r in reasons)
-    assert ws.read_json(f"{out.rel_dir}/_manifest.json")["summary"]["images"] == 11
+    assert ws.read_json(f"{request.rel_dir}/_manifest.json")["summary"]["images"] == 11
     assert catalog.fn(request, snapshot.listing).reused
     # the pixel store gives back exactly what decoding gives
     table = ws.read_table(f"{out.rel_dir}/catalog.parquet")
