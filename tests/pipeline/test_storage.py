@@ -51,7 +51,7 @@ def test_unreachable_endpoint_is_a_clear_error(
 ) -> None:
     import s3fs
 
-    from tests.pipeline.conftest import free_ports
+    from tests.pipeline.weed import free_ports
 
     s3fs.S3FileSystem.clear_instance_cache()
     monkeypatch.setenv("SCAN_LAKE_S3_ENDPOINT_URL", f"http://127.0.0.1:{free_ports(1)[0]}")
