@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from scan_core.clustering import split_validation, train_scan
-from scan_core.config import PretextConfig, ScanConfig, SelfLabelConfig
+from scan_core.config import PretextConfig, ScanConfig, SelfLabelConfig, resolve_precision
 from scan_core.inference import compute_embeddings, predict_probabilities
 from scan_core.models import ClusteringModel, SmallCNNBackbone
 from scan_core.pretext import rotate_batch, train_pretext
 from scan_core.selflabel import NoConfidentSamplesError, train_selflabel
-from scan_core.training import EpochLog, cosine_lr, iterate_batches
+from scan_core.training import EpochLog, autocast, cosine_lr, iterate_batches
+from scan_core.transforms import IdentityTransform
 
 
 def synthetic(
@@ -154,3 +155,58 @@ def test_selflabel_fails_clearly_when_nothing_is_confident() -> None:
     torch.nn.init.zeros_(model.cluster_heads.heads[0].weight)  # uniform predictions
     with pytest.raises(NoConfidentSamplesError, match="selflabel.threshold"):
         train_selflabel(x, model, SelfLabelConfig(threshold=0.99, epochs=1))
+
+
+def test_head_warmup_alone_clusters_and_leaves_the_backbone_untouched() -> None:
+    x, y = synthetic(24)
+    backbone = SmallCNNBackbone(1, width=8)
+    # a pretext backbone has BatchNorm statistics of its data: give the random one those too
+    for module in backbone.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # cumulative average
+    with torch.no_grad():
+        backbone(IdentityTransform()(x))
+    backbone.eval()
+    logs: list[EpochLog] = []
+    cfg = ScanConfig(
+        num_clusters=3,
+        epochs=0,
+        head_warmup_epochs=40,
+        head_warmup_lr=0.05,
+        batch_size=32,
+        entropy_weight=2.0,
+    )
+    result = train_scan(x, same_class_neighbors(y, 5), backbone, cfg, progress=logs.append)
+    assert [log.stage for log in logs] == ["scan_warmup"] * 40
+    assert logs[-1].metrics["loss"] < logs[0].metrics["loss"]
+    for before, after in zip(
+        backbone.parameters(), result.model.backbone.parameters(), strict=True
+    ):
+        assert torch.equal(before, after)  # epochs=0: only the heads were trained
+    assert accuracy(y, predict_probabilities(result.model, x).argmax(1)) >= 0.9
+
+
+def test_scan_config_needs_some_training() -> None:
+    with pytest.raises(ValueError, match="cannot both be 0"):
+        ScanConfig(epochs=0)
+
+
+def test_precision_resolution_and_autocast() -> None:
+    assert resolve_precision("fp32", "cpu") is None
+    assert resolve_precision("bf16", "cpu") is torch.bfloat16
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert resolve_precision("auto", "cpu") is (torch.bfloat16 if native else None)
+    layer = torch.nn.Linear(4, 2)
+    with autocast("cpu", torch.bfloat16):
+        assert layer(torch.ones(1, 4)).dtype == torch.bfloat16
+    with autocast("cpu", None):
+        assert layer(torch.ones(1, 4)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_pretext_runs_in_both_precisions(precision: str) -> None:
+    x, _ = synthetic(4)
+    cfg = PretextConfig(epochs=1, batch_size=12, precision=precision)  # type: ignore[arg-type]
+    result = train_pretext(x, cfg)
+    assert np.isfinite(result.history[0].metrics["loss"])
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
