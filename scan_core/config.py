@@ -318,26 +318,25 @@ class ClusterCountConfig(StageConfig):
 
     Every k in ``k_min .. k_max`` gets ``num_heads`` linear SCAN heads trained from different
     random starts on the frozen pretext features and their neighbours; ``criterion`` picks k
-    from the label-free scores (``stable_k``: the largest k whose heads agree with mean ARI
-    ``>= stability_threshold``).
+    from the label-free scores (``stability_1se``: the smallest k whose heads agree, in mean
+    pairwise ARI, within one standard error of the most stable k).
     """
 
     k_min: int = Field(2, ge=2)
     k_max: int = Field(20, ge=2)
     criterion: Literal[
-        "stable_k",
+        "stability_1se",
+        "stability",
         "scan_loss",
         "consistency",
         "neighbour_agreement",
         "assignment_entropy",
-        "stability",
         "eigengap",
-    ] = "stable_k"
-    stability_threshold: float = Field(0.8, gt=0, le=1)
-    num_heads: int = Field(5, ge=2)
-    epochs: int = Field(20, ge=1)
+    ] = "stability_1se"
+    num_heads: int = Field(8, ge=2)
+    epochs: int = Field(30, ge=1)
     batch_size: int = Field(512, ge=2)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-2, gt=0)
     entropy_weight: float = Field(5.0, ge=0)
     val_fraction: float = Field(0.1, gt=0, lt=1)
     seed: int = 0

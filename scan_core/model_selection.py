@@ -171,11 +171,13 @@ class ClusterCountResult:
     predictions: dict[int, np.ndarray] = field(default_factory=dict)
 
 
-def _pairwise_ari(clusterings: np.ndarray) -> float:
+def _pairwise_ari(clusterings: np.ndarray) -> tuple[float, float]:
+    """Mean ARI over all pairs of clusterings and its standard error (std / sqrt(#clusterings))."""
     pairs = list(itertools.combinations(range(len(clusterings)), 2))
     if not pairs:
-        return float("nan")
-    return float(np.mean([adjusted_rand_score(clusterings[i], clusterings[j]) for i, j in pairs]))
+        return float("nan"), float("nan")
+    aris = np.array([adjusted_rand_score(clusterings[i], clusterings[j]) for i, j in pairs])
+    return float(aris.mean()), float(aris.std() / math.sqrt(len(clusterings)))
 
 
 def score_cluster_counts(
@@ -202,7 +204,14 @@ def score_cluster_counts(
     val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
     val_nbr = neighbors[val_idx]
     ks = list(range(config.k_min, config.k_max + 1))
-    names = ("scan_loss", "consistency", "neighbour_agreement", "assignment_entropy", "stability")
+    names = (
+        "scan_loss",
+        "consistency",
+        "neighbour_agreement",
+        "assignment_entropy",
+        "stability",
+        "stability_se",
+    )
     criteria: dict[str, list[float]] = {name: [] for name in names}
     predictions: dict[int, np.ndarray] = {}
     for k in ks:
@@ -233,7 +242,9 @@ def score_cluster_counts(
         criteria["assignment_entropy"].append(
             float(entropy(p_val[best], dim=-1).mean()) / math.log(k)
         )
-        criteria["stability"].append(_pairwise_ari(argmax[:, val_idx]))
+        mean_ari, se_ari = _pairwise_ari(argmax[:, val_idx])
+        criteria["stability"].append(mean_ari)
+        criteria["stability_se"].append(se_ari)
         predictions[k] = argmax[best]
         logger.info(
             "k=%d: %s",
@@ -250,29 +261,25 @@ def pick_num_clusters(
 ) -> tuple[int, str]:
     """Choose k from scores of :func:`score_cluster_counts` by ``config.criterion``.
 
-    ``stable_k`` picks the largest k whose head stability (mean pairwise ARI between heads from
-    different random starts) is at least ``config.stability_threshold``; the other criteria pick
-    the k with the best value (minimum of a loss or entropy, maximum of an agreement, stability
-    or eigengap).
+    ``stability_1se`` (default) applies the one-standard-error rule (Breiman et al. 1984, as
+    for cross-validation) to head stability (mean pairwise ARI between heads trained from
+    different random starts): the smallest k whose stability is within one standard error of the
+    most stable k's. The other criteria pick the k with the best value (minimum of a loss or
+    entropy, maximum of an agreement, stability or eigengap).
 
     Returns:
         ``(chosen_k, explanation)``.
     """
     name = config.criterion
-    if name == "stable_k":
+    if name == "stability_1se":
         stability = np.asarray(criteria["stability"])
-        stable = [k for k, s in zip(ks, stability, strict=True) if s >= config.stability_threshold]
-        chosen = max(stable) if stable else ks[int(np.argmax(stability))]
-        value = float(stability[ks.index(chosen)])
-        if stable:
-            return chosen, (
-                f"k={chosen} is the largest k in {ks[0]}..{ks[-1]} whose clusterings agree across "
-                f"{config.num_heads} random restarts (mean ARI {value:.3f} >= "
-                f"{config.stability_threshold}); larger k split groups arbitrarily."
-            )
-        return chosen, (
-            f"no k in {ks[0]}..{ks[-1]} reached stability {config.stability_threshold}; "
-            f"k={chosen} was the most stable (mean ARI {value:.3f})."
+        best = int(np.argmax(stability))
+        floor = stability[best] - criteria["stability_se"][best]
+        index = int(np.flatnonzero(stability >= floor)[0])
+        return ks[index], (
+            f"k={ks[index]} is the smallest k in {ks[0]}..{ks[-1]} whose clusterings agree across "
+            f"{config.num_heads} random restarts (mean ARI {stability[index]:.3f}) within one "
+            f"standard error of the most stable k={ks[best]} (ARI {stability[best]:.3f})."
         )
     values = np.asarray(criteria[name])
     index = int(np.argmax(values) if name in MAXIMISED else np.argmin(values))
