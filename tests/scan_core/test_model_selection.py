@@ -1,5 +1,7 @@
 """Choosing k without labels: feature heads, the kNN-graph spectrum and the choice on blobs."""
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,15 @@ from scan_core.model_selection import (
     train_feature_heads,
 )
 from scan_core.neighbors import mine_neighbors
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: extra threads only add overhead (and stall on a busy CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def blobs(k: int = 4, per: int = 60, dim: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -35,7 +46,6 @@ def test_laplacian_spectrum_counts_connected_components() -> None:
 
 
 def test_feature_heads_learn_blobs() -> None:
-    torch.set_num_threads(1)  # tiny tensors: threads only add overhead
     x, y = blobs(k=3, per=40)
     neighbors = mine_neighbors(x, 5).I
     heads = train_feature_heads(
@@ -50,7 +60,6 @@ def test_feature_heads_learn_blobs() -> None:
 
 @pytest.fixture(scope="module")
 def blob_scores() -> tuple[list[int], dict[str, list[float]], dict[int, np.ndarray], np.ndarray]:
-    torch.set_num_threads(1)
     x, y = blobs(k=4)
     neighbors = mine_neighbors(x, 8).I
     cfg = ClusterCountConfig(k_min=2, k_max=7, num_heads=3, epochs=40, batch_size=48, lr=5e-2)
@@ -86,7 +95,6 @@ def test_stability_one_standard_error_rule() -> None:
 
 
 def test_choose_num_clusters_end_to_end() -> None:
-    torch.set_num_threads(1)
     x, y = blobs(k=3, per=30)
     neighbors = mine_neighbors(x, 5).I
     cfg = ClusterCountConfig(
