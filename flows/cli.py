@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from deployments.scan_lake import DEFAULT_CRON, DEPLOYMENT_NAME
 from tasks.errors import ScanLakeError
 from tasks.settings import MachineSettings, prepare_environment
 from tasks.storage import Storage
@@ -71,7 +72,9 @@ def _quiet_prefect_tracebacks() -> None:
             target.addFilter(_QuietUserErrors())
 
 
-def _run_flow(lake: str, workspace: str, config: dict[str, Any], growth: float) -> dict[str, Any]:
+def _run_flow(
+    lake: str, workspace: str, config: dict[str, Any], retrain_pretext: bool = False
+) -> dict[str, Any]:
     from flows.pipeline import scan_pipeline
     from tasks import progress as progress_hub
 
@@ -90,7 +93,7 @@ def _run_flow(lake: str, workspace: str, config: dict[str, Any], growth: float) 
         progress_hub.add_reporter(reporter)
         try:
             return scan_pipeline(
-                lake=lake, workspace=workspace, config=config, reuse_pretext_growth=growth
+                lake=lake, workspace=workspace, config=config, retrain_pretext=retrain_pretext
             )
         finally:
             progress_hub.remove_reporter(reporter)
@@ -114,9 +117,23 @@ def _report(result: dict[str, Any], settings: MachineSettings, seconds: float) -
     sizes = Table(title="Cluster sizes")
     sizes.add_column("cluster", justify="right")
     sizes.add_column("images", justify="right")
-    for i, size in enumerate(result["cluster_sizes"]):
-        sizes.add_row(str(i), str(size))
+    for cluster, size in zip(result["cluster_ids"], result["cluster_sizes"], strict=True):
+        sizes.add_row(str(cluster), str(size))
     console.print(sizes)
+    pretext, growth, lineage = result["pretext"], result["growth"], result["lineage"]
+    console.print(f"Backbone {pretext['key'][:12]}: {pretext['reason']}.", soft_wrap=True)
+    console.print(f"{growth['start'].capitalize()} start: {growth['reason']}.", soft_wrap=True)
+    if lineage.get("churn") is not None:
+        console.print(
+            f"Churn {100 * lineage['churn']:.1f}% of {lineage['shared_images']} previously seen "
+            f"images; clusters born {lineage['born'] or 'none'}, vanished "
+            f"{lineage['vanished'] or 'none'}."
+        )
+    dup = result["duplicates"]
+    console.print(
+        f"Duplicates: {dup.get('exact_duplicate_objects', 0)} exact, "
+        f"{dup.get('near_pairs', 0)} near pairs ({result['duplicates_report']})."
+    )
     counts = result["counts"]
     console.print(
         f"{counts['objects']} objects, {counts['unique_images']} unique images, "
@@ -146,9 +163,14 @@ def run(
     ] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key=value.")] = None,
-    reuse_pretext_growth: Annotated[
-        float, typer.Option(help="Keep the backbone while the lake grew by at most this fraction.")
-    ] = 0.2,
+    retrain_pretext: Annotated[
+        bool,
+        typer.Option(
+            "--retrain-pretext",
+            help="Train the backbone on the current images even if the lake grew less than "
+            "growth.retrain_pretext_after since the current one was trained.",
+        ),
+    ] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
 ) -> None:
     """Run the pipeline on LAKE, caching stages under WORKSPACE."""
@@ -161,7 +183,7 @@ def run(
         Storage(workspace, settings).check_reachable(create=True)
         prepare_environment(settings)
         start = time.perf_counter()
-        result = _run_flow(lake, workspace, cfg.model_dump(mode="json"), reuse_pretext_growth)
+        result = _run_flow(lake, workspace, cfg.model_dump(mode="json"), retrain_pretext)
         seconds = time.perf_counter() - start
     except ScanLakeError as exc:
         _fail(exc)
@@ -195,7 +217,7 @@ def demo(
         start = time.perf_counter()
         written = write_demo_lake(str(lake), images)
         console.print(f"demo lake {lake}: {images} Fashion-MNIST images ({written} written)")
-        result = _run_flow(str(lake), str(workspace), cfg.model_dump(mode="json"), 0.2)
+        result = _run_flow(str(lake), str(workspace), cfg.model_dump(mode="json"))
         seconds = time.perf_counter() - start
     except ScanLakeError as exc:
         _fail(exc)
@@ -204,6 +226,96 @@ def demo(
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2, default=str))
     _report(result, settings, seconds)
+
+
+_CRON_HELP = "Cron schedule of the re-clustering (server time zone)."
+
+
+def _deployment_setup(
+    lake: str,
+    workspace: str,
+    clusters: int | None,
+    config: Path | None,
+    set_: list[str] | None,
+    check_storage: bool,
+) -> dict[str, Any]:
+    """Validate a deployment request and point Prefect at its server; the flow parameters."""
+    from deployments.scan_lake import check_api, deployment_parameters
+    from tasks.config import parse_overrides
+
+    parameters = deployment_parameters(
+        lake, workspace, clusters, config, parse_overrides(set_ or [])
+    )
+    settings = MachineSettings()
+    if check_storage:
+        Storage(lake, settings).check_reachable()
+        Storage(workspace, settings).check_reachable(create=True)
+    prepare_environment(settings)
+    check_api()
+    return parameters
+
+
+@app.command()
+def serve(
+    lake: Annotated[str, typer.Option(help="Lake URL: a folder or s3://bucket/prefix.")],
+    workspace: Annotated[str, typer.Option(help="Workspace URL for artifacts and caches.")],
+    clusters: Annotated[
+        int | None, typer.Option(help="Number of clusters (scan.num_clusters).")
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key=value.")] = None,
+    cron: Annotated[str, typer.Option(help=_CRON_HELP)] = DEFAULT_CRON,
+    name: Annotated[str, typer.Option(help="Deployment name.")] = DEPLOYMENT_NAME,
+) -> None:
+    """Serve the scheduled deployment: register it with the Prefect server (PREFECT_API_URL) and
+    run its scheduled and requested runs in this process until Ctrl-C."""
+    try:
+        from deployments.scan_lake import build_deployment, serve_deployments
+
+        parameters = _deployment_setup(lake, workspace, clusters, config, set_, True)
+        deployment = build_deployment(parameters, name=name, cron=cron)
+    except ScanLakeError as exc:
+        _fail(exc)
+        return
+    except ValueError as exc:  # an invalid cron expression
+        _fail(ScanLakeError(f"Cannot build the deployment ({exc}): check --cron."))
+        return
+    console.print(f"Serving scan_pipeline/{name} (cron '{cron}'); Ctrl-C stops.")
+    serve_deployments(deployment)
+
+
+@app.command()
+def deploy(
+    lake: Annotated[str, typer.Option(help="Lake URL: a folder or s3://bucket/prefix.")],
+    workspace: Annotated[str, typer.Option(help="Workspace URL for artifacts and caches.")],
+    work_pool: Annotated[str, typer.Option(help="Process work pool (created if missing).")] = (
+        "scan-lake"
+    ),
+    clusters: Annotated[
+        int | None, typer.Option(help="Number of clusters (scan.num_clusters).")
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key=value.")] = None,
+    cron: Annotated[str, typer.Option(help=_CRON_HELP)] = DEFAULT_CRON,
+    name: Annotated[str, typer.Option(help="Deployment name.")] = DEPLOYMENT_NAME,
+) -> None:
+    """Register the scheduled deployment on a process work pool; a worker
+    (`prefect worker start --pool WORK_POOL`) runs it."""
+    try:
+        from deployments.scan_lake import deploy_to_work_pool
+
+        parameters = _deployment_setup(lake, workspace, clusters, config, set_, False)
+        deployment_id = deploy_to_work_pool(parameters, work_pool, name=name, cron=cron)
+    except ScanLakeError as exc:
+        _fail(exc)
+        return
+    except ValueError as exc:
+        _fail(ScanLakeError(f"Cannot register the deployment ({exc}): check --cron."))
+        return
+    console.print(
+        f"Deployment scan_pipeline/{name} ({deployment_id}) on work pool '{work_pool}', cron "
+        f"'{cron}'. Start a worker: uv run prefect worker start --pool {work_pool}"
+    )
 
 
 def main() -> None:

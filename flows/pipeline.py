@@ -1,9 +1,11 @@
-"""The ``scan_pipeline`` flow: lake -> catalog -> pretext -> embed -> mine_neighbors -> scan ->
-selflabel -> assign -> evaluate, each a cached task keyed by its content fingerprint.
+"""The ``scan_pipeline`` flow: lake -> catalog -> pretext -> embed -> mine_neighbors (-> duplicates)
+-> scan -> selflabel -> assign -> evaluate, each a cached task keyed by its content fingerprint.
 
-The flow only composes: it scans the lake (always), validates the request, computes every stage
-key, calls the tasks, notes which stages came from cache (MLflow runs tagged ``cached``), and
-publishes a Markdown summary.
+The flow only composes: it scans the lake (always), validates the request, plans what a growing
+lake builds on (the pretext backbone, a warm start, the run whose cluster ids to keep; DESIGN.md §2
+"Growing lakes"), computes every stage key, calls the tasks, notes which stages came from cache
+(MLflow runs tagged ``cached``), records the run for the next one and publishes a Markdown
+summary.
 """
 
 from __future__ import annotations
@@ -21,12 +23,23 @@ from tasks.assign import assign
 from tasks.catalog import catalog
 from tasks.clustering import scan
 from tasks.config import as_config
+from tasks.duplicates import duplicates
 from tasks.embed import embed
 from tasks.errors import ScanLakeError
 from tasks.evaluate import evaluate
+from tasks.history import (
+    GrowthPlan,
+    RunRecord,
+    RunSignature,
+    now,
+    plan_growth,
+    record_run,
+    warm_scan_config,
+    warm_selflabel_config,
+)
 from tasks.lake import LakeSnapshot, scan_lake
 from tasks.neighbors import neighbors
-from tasks.pretext import plan_pretext, pretext
+from tasks.pretext import PretextPlan, plan_pretext, pretext
 from tasks.selflabel import selflabel
 from tasks.settings import MachineSettings
 from tasks.stage import StageOutput, StageRequest, result_storage_for
@@ -40,6 +53,7 @@ STAGES = (
     "pretext",
     "embed",
     "mine_neighbors",
+    "duplicates",
     "scan",
     "selflabel",
     "assign",
@@ -119,6 +133,58 @@ class _Runner:
         return output
 
 
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def growth_markdown(result: dict[str, Any]) -> list[str]:
+    """The growth part of the summary: backbone, warm/cold start, embedded images, churn,
+    clusters born and vanished, per-cluster growth, duplicates."""
+    pre, plan, lineage = result["pretext"], result["growth"], result["lineage"]
+    dup = result["duplicates"]
+    lines = [
+        "## Growth",
+        "",
+        f"- Backbone `{pre['key'][:12]}` ({'reused' if pre['reused'] else 'own'}): "
+        f"{pre['reason']}.",
+        f"- {plan['start'].capitalize()} start: {plan['reason']}.",
+        f"- Images embedded: {result['counts']['images_embedded']} of "
+        f"{result['counts']['unique_images']}.",
+    ]
+    if lineage.get("churn") is None:
+        lines.append("- Cluster ids: first run on this lake (no earlier run to match).")
+    else:
+        lines += [
+            f"- Churn: {_percent(lineage['churn'])} of {lineage['shared_images']} previously "
+            f"seen images changed cluster ({lineage['changed_images']}); "
+            f"{lineage['new_images']} new, {lineage['removed_images']} removed images.",
+            f"- Clusters born: {lineage['born'] or 'none'}; vanished: "
+            f"{lineage['vanished'] or 'none'}.",
+        ]
+    lines += [
+        "",
+        "| cluster | status | before | now | growth | stayed | moved in | moved out | new | "
+        "removed |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in lineage.get("clusters", []):
+        lines.append(
+            f"| {r['cluster']} | {r['status']} | {r['previous_size']} | {r['size']} | "
+            f"{r['growth']:+d} | {r['stayed']} | {r['moved_in']} | {r['moved_out']} | "
+            f"{r['new_images']} | {r['removed_images']} |"
+        )
+    lines += [
+        "",
+        "## Duplicates",
+        "",
+        f"Exact: {dup.get('exact_duplicate_objects', 0)} extra objects in "
+        f"{dup.get('exact_groups', 0)} groups; near (cosine >= {dup.get('near_threshold')}): "
+        f"{dup.get('near_pairs', 0)} pairs of {dup.get('near_images', 0)} images "
+        f"(`{result['duplicates_report']}`).",
+    ]
+    return lines
+
+
 def summary_markdown(result: dict[str, Any]) -> str:
     """The run's Markdown summary (Prefect artifact)."""
     lines = [
@@ -139,7 +205,11 @@ def summary_markdown(result: dict[str, Any]) -> str:
     lines += ["", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in sorted(result["metrics"].items())]
     lines += ["", "| cluster | size |", "|---|---|"]
-    lines += [f"| {i} | {s} |" for i, s in enumerate(result["cluster_sizes"])]
+    lines += [
+        f"| {c} | {s} |"
+        for c, s in zip(result["cluster_ids"], result["cluster_sizes"], strict=True)
+    ]
+    lines += ["", *growth_markdown(result)]
     return "\n".join(lines)
 
 
@@ -148,7 +218,8 @@ def scan_pipeline(
     lake: str,
     workspace: str,
     config: dict[str, Any] | None = None,
-    reuse_pretext_growth: float = 0.2,
+    clusters: int | None = None,
+    retrain_pretext: bool = False,
 ) -> dict[str, Any]:
     """Cluster the images of ``lake`` with SCAN, caching every stage under ``workspace``.
 
@@ -156,16 +227,23 @@ def scan_pipeline(
         lake: Folder or URL of the images (``s3://bucket/prefix`` or a local path); an optional
             ``_labels.parquet`` sidecar (key, label) enables the accuracy metrics.
         workspace: Folder or URL for stage artifacts, Prefect results and the pixel store.
-        config: :class:`PipelineConfig` as a dict (defaults when omitted).
-        reuse_pretext_growth: Keep the pretext backbone while the images it was not trained on
-            are at most this fraction of those it was (0 retrains on every change).
+        config: :class:`PipelineConfig` as a dict (defaults when omitted); its ``growth`` section
+            sets when the backbone is retrained and how warm starts run.
+        clusters: Number of clusters (overrides ``scan.num_clusters``).
+        retrain_pretext: Train the backbone on the current images even if the lake grew less than
+            ``growth.retrain_pretext_after`` since the current one was trained.
 
     Returns:
-        A summary: stages (cached or not), stages_run, metrics, cluster sizes, counts, MLflow ids.
+        A summary: stages (cached or not), stages_run, metrics, cluster ids and sizes, counts,
+        the backbone and warm/cold plan, churn and per-cluster growth, duplicates, MLflow ids.
     """
     log = get_run_logger()
     settings = MachineSettings()
     cfg = as_config(config)
+    if clusters is not None:
+        data = cfg.model_dump(mode="json")
+        data["scan"]["num_clusters"] = clusters
+        cfg = as_config(data)
     lake_store, ws = Storage(lake, settings), Storage(workspace, settings)
     lake_store.check_reachable()
     ws.check_reachable(create=True)
@@ -187,7 +265,7 @@ def scan_pipeline(
         tracking_uri=settings.tracking_uri, experiment_id=experiment_id, parent_run_id=parent
     )
     try:
-        result = _run_stages(lake_store, ws, cfg, ref, reuse_pretext_growth, flow_run_id)
+        result = _run_stages(lake_store, ws, cfg, ref, retrain_pretext, flow_run_id)
     except BaseException:
         tracking.end_run(ref, parent, ok=False)
         raise
@@ -203,12 +281,58 @@ def scan_pipeline(
     return result
 
 
+def _track_growth(
+    ref: TrackingRef,
+    pretext_run_id: str | None,
+    plan: PretextPlan,
+    growth: GrowthPlan,
+    embedded: int,
+    lineage: dict[str, Any],
+    dup: dict[str, Any],
+) -> None:
+    """Record in MLflow which backbone was used and why, warm or cold, churn and duplicates."""
+    tags = {
+        "pretext.backbone_key": plan.key,
+        "pretext.reused": str(plan.reused).lower(),
+        "pretext.reason": plan.reason[:5000],
+    }
+    for run_id in (ref.parent_run_id, pretext_run_id):
+        if run_id:
+            tracking.set_tags(ref, run_id, tags)
+    tracking.set_tags(
+        ref,
+        ref.parent_run_id,
+        {
+            "start": growth.start,
+            "start.reason": growth.reason[:5000],
+            "start.warm_from": growth.warm_from.key if growth.warm_from else "",
+            "lineage.previous_flow_run_id": growth.previous_flow_run_id or "",
+        },
+    )
+    metrics: dict[str, float] = {"images_embedded": float(embedded)}
+    if plan.growth is not None:
+        metrics["pretext/growth"] = plan.growth
+    if lineage.get("churn") is not None:
+        metrics.update(
+            {
+                "lineage/churn": lineage["churn"],
+                "lineage/changed_images": float(lineage["changed_images"]),
+                "lineage/shared_images": float(lineage["shared_images"]),
+                "lineage/born": float(len(lineage["born"])),
+                "lineage/vanished": float(len(lineage["vanished"])),
+            }
+        )
+    metrics.update({f"duplicates/{k}": float(v) for k, v in dup.items() if k != "near_threshold"})
+    tracking.log_metrics(ref, ref.parent_run_id, metrics)
+    tracking.log_table(ref, ref.parent_run_id, lineage.get("clusters", []), "cluster_lineage.json")
+
+
 def _run_stages(
     lake: Storage,
     ws: Storage,
     cfg: PipelineConfig,
     ref: TrackingRef,
-    reuse_pretext_growth: float,
+    retrain_pretext: bool,
     flow_run_id: str,
 ) -> dict[str, Any]:
     settings = MachineSettings()
@@ -246,15 +370,18 @@ def _run_stages(
         snapshot.listing,
     )
 
-    pretext_key = plan_pretext(
+    pretext_plan: PretextPlan = plan_pretext(
         ws.url,
         cfg.pretext.model_dump(mode="json"),
         snapshot.images_key,
         snapshot.image_config_key,
         snapshot.listing,
-        reuse_pretext_growth,
+        cfg.growth.retrain_pretext_after,
+        retrain_pretext,
     )
-    pre = run(pretext, request("pretext", pretext_key, cfg.pretext.model_dump(mode="json")), cat)
+    pre = run(
+        pretext, request("pretext", pretext_plan.key, cfg.pretext.model_dump(mode="json")), cat
+    )
 
     embed_config = {"device": cfg.pretext.device, "batch_size": 1024}
     embed_key = keys.stage_key("embed", "", {"pretext": pre.key, "images": snapshot.images_key})
@@ -265,16 +392,45 @@ def _run_stages(
         neighbors, request("mine_neighbors", nbr_key, cfg.neighbors.model_dump(mode="json")), emb
     )
 
-    scan_key = keys.stage_key(
-        "scan", cfg.scan.fingerprint(), {"neighbors": nbr.key, "pretext": pre.key}
+    dup_key = keys.stage_key(
+        "duplicates", cfg.duplicates.fingerprint(), {"catalog": cat.key, "neighbors": nbr.key}
     )
-    model = run(scan, request("scan", scan_key, cfg.scan.model_dump(mode="json")), pre, nbr, cat)
+    dup = run(
+        duplicates,
+        request("duplicates", dup_key, cfg.duplicates.model_dump(mode="json")),
+        cat,
+        nbr,
+    )
+
+    signature = RunSignature(
+        images_key=snapshot.images_key,
+        pretext_key=pre.key,
+        num_clusters=cfg.scan.num_clusters,
+        scan_fingerprint=cfg.scan.fingerprint(),
+        selflabel_fingerprint=cfg.selflabel.fingerprint(),
+    )
+    plan: GrowthPlan = plan_growth(ws.url, lake.url, signature, cfg.growth.model_dump(mode="json"))
+    warm = plan.warm_from
+    scan_cfg = warm_scan_config(cfg.scan, cfg.growth) if warm else cfg.scan
+    scan_inputs = {"neighbors": nbr.key, "pretext": pre.key}
+    if warm is not None:
+        scan_inputs["init"] = warm.key
+    scan_key = keys.stage_key("scan", scan_cfg.fingerprint(), scan_inputs)
+    model = run(
+        scan,
+        request("scan", scan_key, scan_cfg.model_dump(mode="json")),
+        pre,
+        nbr,
+        cat,
+        warm,
+    )
 
     if cfg.selflabel.enabled:
-        sl_key = keys.stage_key("selflabel", cfg.selflabel.fingerprint(), {"scan": model.key})
+        sl_cfg = warm_selflabel_config(cfg.selflabel, cfg.growth) if warm else cfg.selflabel
+        sl_key = keys.stage_key("selflabel", sl_cfg.fingerprint(), {"scan": model.key})
         model = run(
             selflabel,
-            request("selflabel", sl_key, cfg.selflabel.model_dump(mode="json")),
+            request("selflabel", sl_key, sl_cfg.model_dump(mode="json")),
             model,
             cat,
         )
@@ -284,8 +440,11 @@ def _run_stages(
         "batch_size": 1024,
         "registered_model": settings.registered_model,
     }
-    assign_key = keys.stage_key("assign", "", {"model": model.key, "catalog": cat.key})
-    asg = run(assign, request("assign", assign_key, assign_config), model, cat)
+    assign_inputs = {"model": model.key, "catalog": cat.key}
+    if plan.relabel_from is not None:
+        assign_inputs["previous"] = plan.relabel_from.key
+    assign_key = keys.stage_key("assign", "", assign_inputs)
+    asg = run(assign, request("assign", assign_key, assign_config), model, cat, plan.relabel_from)
 
     eval_key = keys.stage_key(
         "evaluate",
@@ -293,6 +452,25 @@ def _run_stages(
         {"assign": asg.key, "catalog": cat.key, "neighbors": nbr.key, "embed": emb.key},
     )
     ev = run(evaluate, request("evaluate", eval_key, {}), asg, cat, nbr, emb)
+
+    embedded = 0 if run.records["embed"].cached else int(emb.summary.get("embedded", 0))
+    lineage = dict(asg.summary.get("lineage", {}))
+    dup_counts = {k: v for k, v in dup.summary.items() if isinstance(v, int | float)}
+    _track_growth(
+        ref, run.records["pretext"].run_id, pretext_plan, plan, embedded, lineage, dup_counts
+    )
+    record_run(
+        ws.url,
+        RunRecord(
+            lake=lake.url,
+            signature=signature,
+            plan=plan,
+            assign=asg,
+            flow_run_id=flow_run_id,
+            mlflow_run_id=ref.parent_run_id,
+            finished_at=now(),
+        ),
+    )
 
     records = [run.records[name] for name in STAGES if name in run.records]
     return {
@@ -307,14 +485,26 @@ def _run_stages(
             "quarantined": snapshot.num_quarantined,
             "objects_read": snapshot.num_read,
             "images_decoded": snapshot.num_decoded,
-            "images_embedded": int(emb.summary.get("embedded", 0))
-            if not run.records["embed"].cached
-            else 0,
+            "images_embedded": embedded,
         },
         "stages": [r.model_dump() for r in records],
         "stages_run": [r.stage for r in records if not r.cached],
         "metrics": dict(ev.summary.get("metrics", {})),
         "cluster_sizes": list(ev.summary.get("cluster_sizes", [])),
+        "cluster_ids": list(
+            ev.summary.get("cluster_ids", range(len(ev.summary.get("cluster_sizes", []))))
+        ),
+        "pretext": pretext_plan.model_dump(),
+        "growth": {
+            "start": plan.start,
+            "reason": plan.reason,
+            "warm_from": plan.warm_from.key if plan.warm_from else None,
+            "relabel_from": plan.relabel_from.key if plan.relabel_from else None,
+            "previous_flow_run_id": plan.previous_flow_run_id,
+        },
+        "lineage": lineage,
+        "duplicates": dup_counts,
+        "duplicates_report": ws.uri(f"{dup.rel_dir}/duplicates.parquet"),
         "model_version": asg.summary.get("model_version"),
         "mlflow": {
             "tracking_uri": ref.tracking_uri,

@@ -1,5 +1,12 @@
-"""Assign stage: cluster probabilities of every image, joined back to every lake object; the final
-model is logged to MLflow and registered."""
+"""Assign stage: cluster probabilities of every image, joined back to every lake object, under
+stable cluster ids; the final model is logged to MLflow and registered.
+
+Stable ids (DESIGN.md §2, "Growing lakes"): the clusters are matched to those of the previous run
+of the lake on the images both runs share (:mod:`tasks.lineage`), and the model's outputs are
+reordered so that output ``j`` is the ``j``-th smallest stable id (``cluster_ids`` in the summary;
+``0 .. C-1`` unless a cluster was born or the number of clusters changed). The reordered model is
+saved here too: the next run warm-starts from it.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +22,14 @@ from scan_core.transforms import IdentityTransform
 from tasks import checkpoints, tracking
 from tasks.catalog import read_catalog
 from tasks.lake import unique_ids
+from tasks.lineage import ClusterMatch, churn, cluster_growth, first_ids, match_clusters
 from tasks.pixels import load_pixels
-from tasks.schemas import ASSIGNMENTS
+from tasks.schemas import ASSIGNMENTS, CLUSTER_LINEAGE
 from tasks.stage import STAGE_TASK_OPTIONS, StageOutput, StageRequest, StageRun, run_stage
 from tasks.storage import Storage
 
 ASSIGNMENTS_FILE = "assignments.parquet"
+LINEAGE_FILE = "cluster_lineage.parquet"
 
 
 def read_assignments(workspace: Storage, assign: StageOutput) -> pa.Table:
@@ -28,8 +37,44 @@ def read_assignments(workspace: Storage, assign: StageOutput) -> pa.Table:
     return workspace.read_table(f"{assign.rel_dir}/{ASSIGNMENTS_FILE}")
 
 
-def assign_fn(request: StageRequest, model: StageOutput, catalog: StageOutput) -> StageOutput:
-    """Predict clusters with the final model (selflabel's, or scan's when self-labeling is off).
+def cluster_ids_of(assign: StageOutput) -> list[int]:
+    """The stable id of each probability column of an assign stage (``0 .. C-1`` for outputs
+    written before stable ids existed)."""
+    ids = assign.summary.get("cluster_ids")
+    return list(ids) if ids is not None else list(range(len(assign.summary["cluster_sizes"])))
+
+
+def image_clusters(workspace: Storage, assign: StageOutput) -> dict[str, int]:
+    """image_id -> stable cluster id of every image of an assign stage."""
+    table = workspace.read_table(f"{assign.rel_dir}/{ASSIGNMENTS_FILE}", ["image_id", "cluster"])
+    return dict(zip(table["image_id"].to_pylist(), table["cluster"].to_pylist(), strict=True))
+
+
+def relabel(
+    ids: list[str],
+    head: np.ndarray,
+    num_clusters: int,
+    previous: dict[str, int] | None,
+    previous_ids: list[int],
+    next_id: int | None,
+) -> ClusterMatch:
+    """Stable ids for the clusters ``head`` (model output of each image of ``ids``), matched to
+    the previous run's clusters on the shared images (first run: the identity)."""
+    if previous is None:
+        return first_ids(num_clusters)
+    rows = [r for r, image in enumerate(ids) if image in previous]
+    old = np.array([previous[ids[r]] for r in rows], dtype=np.int64)
+    return match_clusters(old, head[rows], num_clusters, previous_ids, next_id)
+
+
+def assign_fn(
+    request: StageRequest,
+    model: StageOutput,
+    catalog: StageOutput,
+    previous: StageOutput | None = None,
+) -> StageOutput:
+    """Predict clusters with the final model (selflabel's, or scan's when self-labeling is off),
+    under ids matched to ``previous`` (the previous run's assign stage, part of the stage key).
 
     ``request.config``: ``device``, ``batch_size`` and ``registered_model`` (name to register the
     model under; empty to skip registration).
@@ -48,10 +93,25 @@ def assign_fn(request: StageRequest, model: StageOutput, catalog: StageOutput) -
             device=str(request.config.get("device", "auto")),
             progress=run.on_batch,
         )
+        num_clusters = probabilities.shape[1]
+        before = image_clusters(run.workspace, previous) if previous is not None else None
+        match = relabel(
+            ids,
+            probabilities.argmax(axis=1),
+            num_clusters,
+            before,
+            cluster_ids_of(previous) if previous is not None else [],
+            previous.summary.get("next_cluster_id") if previous is not None else None,
+        )
+        probabilities = probabilities[:, match.order]
+        network = checkpoints.reorder_clusters(network, match.order)
+        cluster_ids = match.sorted_ids
+        now = dict(zip(ids, cluster_ids[probabilities.argmax(axis=1)].tolist(), strict=True))
+        lineage = _lineage(run, before, now, cluster_ids.tolist(), previous, match)
+
         position = {image_id: i for i, image_id in enumerate(ids)}
         rows = np.array([position[i] for i in table["image_id"].to_pylist()], dtype=np.int64)
         per_object = probabilities[rows]
-        num_clusters = probabilities.shape[1]
         values = pa.FixedSizeListArray.from_arrays(
             pa.array(per_object.reshape(-1).astype(np.float32)), num_clusters
         ).cast(pa.list_(pa.float32()))
@@ -59,20 +119,26 @@ def assign_fn(request: StageRequest, model: StageOutput, catalog: StageOutput) -
             {
                 "image_id": table["image_id"],
                 "uri": table["uri"],
-                "cluster": pa.array(per_object.argmax(axis=1).astype(np.int32)),
+                "cluster": pa.array(cluster_ids[per_object.argmax(axis=1)].astype(np.int32)),
                 "confidence": pa.array(per_object.max(axis=1).astype(np.float32)),
                 "probabilities": values,
             },
             schema=ASSIGNMENTS,
         )
         run.write_table(ASSIGNMENTS_FILE, assignments)
+        run.write_bytes(checkpoints.CHECKPOINT, checkpoints.state_bytes(network))
+        description = run.workspace.read_json(f"{model.rel_dir}/{checkpoints.DESCRIPTION}")
+        run.write_json(checkpoints.DESCRIPTION, description)
         sizes = np.bincount(per_object.argmax(axis=1), minlength=num_clusters)
         summary: dict[str, Any] = {
             "objects": len(rows),
             "images": len(ids),
             "cluster_sizes": sizes.tolist(),
+            "cluster_ids": cluster_ids.tolist(),
+            "next_cluster_id": match.next_id,
             "mean_confidence": float(per_object.max(axis=1).mean()),
             "model_stage": model.stage,
+            "lineage": lineage,
         }
         run.log_metrics(
             {
@@ -92,7 +158,67 @@ def assign_fn(request: StageRequest, model: StageOutput, catalog: StageOutput) -
     return run_stage(request, body)
 
 
+def _lineage(
+    run: StageRun,
+    before: dict[str, int] | None,
+    now: dict[str, int],
+    cluster_ids: list[int],
+    previous: StageOutput | None,
+    match: ClusterMatch,
+) -> dict[str, Any]:
+    """Write the per-cluster growth table, log churn to MLflow; return the lineage summary."""
+    previous_ids = cluster_ids_of(previous) if previous is not None else []
+    rows = cluster_growth(before or {}, now, cluster_ids, previous_ids)
+    run.write_table(LINEAGE_FILE, pa.Table.from_pylist(rows, schema=CLUSTER_LINEAGE))
+    if before is None:
+        return {
+            "previous": None,
+            "churn": None,
+            "shared_images": 0,
+            "changed_images": 0,
+            "born": [],
+            "vanished": [],
+            "new_images": len(now),
+            "removed_images": 0,
+            "clusters": rows,
+        }
+    shared = [i for i in now if i in before]
+    old = np.array([before[i] for i in shared], dtype=np.int64)
+    new = np.array([now[i] for i in shared], dtype=np.int64)
+    summary = {
+        "previous": previous.key if previous is not None else None,
+        "churn": churn(old, new),
+        "shared_images": len(shared),
+        "changed_images": int((old != new).sum()),
+        "born": list(match.born),
+        "vanished": list(match.vanished),
+        "new_images": len(now) - len(shared),
+        "removed_images": sum(1 for i in before if i not in now),
+        "clusters": rows,
+    }
+    run.log_metrics(
+        {
+            "lineage/churn": summary["churn"],
+            "lineage/shared_images": float(len(shared)),
+            "lineage/changed_images": float(summary["changed_images"]),
+            "lineage/born": float(len(match.born)),
+            "lineage/vanished": float(len(match.vanished)),
+            "lineage/new_images": float(summary["new_images"]),
+            "lineage/removed_images": float(summary["removed_images"]),
+        }
+    )
+    ref = run.request.tracking
+    if ref is not None and run.run_id is not None:
+        tracking.log_table(ref, run.run_id, rows, "cluster_lineage.json")
+    return summary
+
+
 @task(name="assign", **STAGE_TASK_OPTIONS)
-def assign(request: StageRequest, model: StageOutput, catalog: StageOutput) -> StageOutput:
+def assign(
+    request: StageRequest,
+    model: StageOutput,
+    catalog: StageOutput,
+    previous: StageOutput | None = None,
+) -> StageOutput:
     """Assign stage task (cached on the assign key)."""
-    return assign_fn(request, model, catalog)
+    return assign_fn(request, model, catalog, previous)

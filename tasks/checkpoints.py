@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
+import numpy as np
 import torch
 
 from scan_core.config import PretextConfig
@@ -52,3 +53,21 @@ def load_clustering_model(workspace: Storage, rel_dir: str) -> ClusteringModel:
     model = ClusteringModel(backbone, description["num_clusters"], 1)
     model.load_state_dict(load_state(workspace, rel_dir))
     return model.eval()
+
+
+def reorder_clusters(model: ClusteringModel, order: np.ndarray) -> ClusteringModel:
+    """Permute the cluster outputs of ``model`` in place: new output ``j`` is old output
+    ``order[j]`` (the rows of every head's weight and bias are reordered). Returns ``model``.
+
+    Raises:
+        ValueError: ``order`` is not a permutation of the model's clusters.
+    """
+    index = np.asarray(order, dtype=np.int64)
+    if sorted(index.tolist()) != list(range(model.num_clusters)):
+        raise ValueError(f"order must be a permutation of 0 .. {model.num_clusters - 1}")
+    rows = torch.as_tensor(index)
+    with torch.no_grad():
+        for head in model.cluster_heads.heads:
+            head.weight.copy_(head.weight[rows].clone())
+            head.bias.copy_(head.bias[rows].clone())
+    return model

@@ -20,7 +20,7 @@ from scan_core.plots import (
     plot_embedding_map,
     plot_prototype_grid,
 )
-from tasks.assign import read_assignments
+from tasks.assign import cluster_ids_of, read_assignments
 from tasks.catalog import read_catalog
 from tasks.embed import read_embeddings
 from tasks.lake import first_labels
@@ -43,9 +43,14 @@ def evaluate_fn(
     def body(run: StageRun) -> dict[str, Any]:
         assignments = read_assignments(run.workspace, assign)
         table = read_catalog(run.workspace, catalog)
-        num_clusters = len(assign.summary["cluster_sizes"])
-        # per object (every lake key), aligned with the catalog rows
-        predictions = assignments["cluster"].to_numpy().astype(np.int64)
+        cluster_ids = cluster_ids_of(assign)
+        num_clusters = len(cluster_ids)
+        # per object (every lake key), aligned with the catalog rows; a stable cluster id's
+        # column of the probabilities is its position in cluster_ids
+        column = {c: j for j, c in enumerate(cluster_ids)}
+        predictions = np.array(
+            [column[c] for c in assignments["cluster"].to_pylist()], dtype=np.int64
+        )
         confidence = assignments["confidence"].to_numpy()
         probabilities = np.asarray(
             assignments["probabilities"].to_pylist(), dtype=np.float32
@@ -100,7 +105,12 @@ def evaluate_fn(
             run.write_bytes("confusion.png", plot_confusion_matrix(confusion, names), log=True)
             run.write_json("confusion.json", confusion.tolist())
         run.log_metrics({f"evaluate/{k}": v for k, v in metrics.items()})
-        summary = {"metrics": metrics, "cluster_sizes": sizes.tolist(), "has_labels": has_labels}
+        summary = {
+            "metrics": metrics,
+            "cluster_sizes": sizes.tolist(),
+            "cluster_ids": cluster_ids,
+            "has_labels": has_labels,
+        }
         run.write_json("metrics.json", summary, log=True)
         return summary
 

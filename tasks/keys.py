@@ -44,6 +44,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     ),
     "assign": ("inference.py", "transforms.py", "models"),
     "evaluate": ("evaluation.py", "plots.py", "neighbors.py"),
+    "duplicates": (),
 }
 
 #: Bumped when a task changes what it writes (the scan_core hash covers the science code).
@@ -55,8 +56,9 @@ TASK_FORMAT_VERSION: dict[str, int] = {
     "neighbors": 1,
     "scan": 1,
     "selflabel": 1,
-    "assign": 1,
-    "evaluate": 1,
+    "assign": 2,  # 2: stable cluster ids, lineage table, reordered checkpoint
+    "evaluate": 2,  # 2: reads stable cluster ids
+    "duplicates": 1,
 }
 
 

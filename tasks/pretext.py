@@ -1,7 +1,8 @@
 """Pretext stage (SCAN step 1): train the representation on the catalog's unique images.
 
-Growing lakes reuse a backbone (DESIGN.md §2): :func:`find_reusable_pretext` picks an earlier
-pretext stage with the same config and code whose training images still make up most of the lake.
+Growing lakes reuse a backbone (DESIGN.md §2): :func:`plan_pretext` keeps the earlier pretext stage
+(same config and code) that covers most of the lake until the lake has grown past
+``growth.retrain_pretext_after`` since it was trained (:func:`choose_backbone`, pure).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 import pyarrow as pa
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict
 
 from scan_core.config import ImageConfig, PretextConfig
 from scan_core.pretext import train_pretext
@@ -70,25 +72,99 @@ def pretext(request: StageRequest, catalog: StageOutput) -> StageOutput:
     return pretext_fn(request, catalog)
 
 
-def find_reusable_pretext(
-    workspace: Storage,
-    config: PretextConfig,
-    image_config_key: str,
-    current_ids: set[str],
-    max_growth: float,
-) -> tuple[str, int] | None:
-    """An earlier finished pretext stage to reuse for a lake that grew a little.
+class PretextPlan(BaseModel):
+    """Which pretext backbone a run uses and why (recorded in MLflow)."""
 
-    A candidate has the same pretext config, code version and image config, and the images it was
-    not trained on are at most ``max_growth`` times the images it was trained on that are still in
-    the lake. The candidate with the most such images wins.
+    model_config = ConfigDict(frozen=True)
 
-    Returns:
-        ``(stage key, new images)`` or None.
+    key: str
+    own_key: str
+    reused: bool
+    reason: str
+    growth: float | None = None
+    trained_images: int | None = None
+    new_images: int | None = None
+
+
+class BackboneCandidate(BaseModel):
+    """An earlier finished pretext stage: its key and how the current lake relates to it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    kept: int  # images it was trained on that are still in the lake
+    new: int  # images of the lake it was not trained on
+
+    @property
+    def growth(self) -> float:
+        """Images it was not trained on, as a fraction of those it was (still in the lake)."""
+        return self.new / self.kept if self.kept else float("inf")
+
+
+def choose_backbone(
+    own_key: str,
+    own_exists: bool,
+    candidates: list[BackboneCandidate],
+    retrain_after: float,
+    retrain: bool = False,
+) -> PretextPlan:
+    """The pretext policy of a growing lake (pure).
+
+    Keep using the backbone that covers most of the lake until the lake has grown by more than
+    ``retrain_after`` (a fraction of the images it was trained on) or a retrain is requested;
+    then train on the current images (stage key ``own_key``). A backbone trained on exactly the
+    current images is always used.
     """
-    if max_growth <= 0:
-        return None
-    best: tuple[int, str, int] | None = None
+    if own_exists:
+        return PretextPlan(
+            key=own_key,
+            own_key=own_key,
+            reused=False,
+            reason="a backbone trained on exactly these images exists",
+        )
+    if retrain:
+        return PretextPlan(
+            key=own_key,
+            own_key=own_key,
+            reused=False,
+            reason="retrain requested (--retrain-pretext)",
+        )
+    usable = [c for c in candidates if c.kept > 0]
+    if not usable:
+        return PretextPlan(
+            key=own_key,
+            own_key=own_key,
+            reused=False,
+            reason="no earlier backbone with this pretext config: training one",
+        )
+    best = max(usable, key=lambda c: (c.kept, -c.new, c.key))
+    facts = {"growth": best.growth, "trained_images": best.kept, "new_images": best.new}
+    grew = (
+        f"lake grew {100 * best.growth:.0f}% ({best.new} new images on {best.kept} trained) "
+        f"since backbone {best.key[:12]} was trained"
+    )
+    if retrain_after > 0 and best.growth <= retrain_after:
+        return PretextPlan(
+            key=best.key,
+            own_key=own_key,
+            reused=True,
+            reason=f"{grew}: {100 * best.growth:.0f}% <= {100 * retrain_after:.0f}%, reusing it",
+            **facts,
+        )
+    return PretextPlan(
+        key=own_key,
+        own_key=own_key,
+        reused=False,
+        reason=f"{grew}: {100 * best.growth:.0f}% > {100 * retrain_after:.0f}%, retraining",
+        **facts,
+    )
+
+
+def backbone_candidates(
+    workspace: Storage, config: PretextConfig, image_config_key: str, current_ids: set[str]
+) -> list[BackboneCandidate]:
+    """Earlier finished pretext stages with the same pretext config, code and image config."""
+    found = []
     for obj in workspace.list_objects("pretext"):
         if not obj.key.endswith(f"/{MANIFEST}"):
             continue
@@ -103,14 +179,9 @@ def find_reusable_pretext(
             continue
         files = committed_dir(f"pretext/{key}", manifest)
         trained = set(workspace.read_table(f"{files}/{TRAIN_IDS}")["image_id"].to_pylist())
-        kept = len(trained & current_ids)
-        new = len(current_ids - trained)
-        if kept and new <= max_growth * kept and (best is None or kept > best[0]):
-            best = (kept, key, new)
-    if best is None:
-        return None
-    logger.info("reusing pretext %s: %d new images on %d trained", best[1][:12], best[2], best[0])
-    return best[1], best[2]
+        kept, new = len(trained & current_ids), len(current_ids - trained)
+        found.append(BackboneCandidate(key=key, kept=kept, new=new))
+    return found
 
 
 @task(
@@ -126,28 +197,28 @@ def plan_pretext(
     images_key: str,
     image_config_key: str,
     listing: str,
-    max_growth: float,
-) -> str:
-    """The pretext stage key for this lake: its own, or a reusable earlier one when the lake only
-    grew a little (see :func:`find_reusable_pretext`)."""
+    retrain_after: float,
+    retrain: bool = False,
+) -> PretextPlan:
+    """The pretext backbone for this lake: its own stage key, or an earlier backbone while the
+    lake has grown by at most ``retrain_after`` since it was trained (:func:`choose_backbone`).
+
+    The policy picks an *input*; the pretext stage key itself is a content fingerprint (config,
+    images, code) and never depends on ``retrain_after``.
+    """
     config = PretextConfig.model_validate(pretext_config)
     own = keys.stage_key("pretext", config.fingerprint(), {"images": images_key})
     workspace = Storage(workspace_url)
-    if workspace.exists(f"pretext/{own}/{MANIFEST}"):
-        return own
-    rows = workspace.read_table(listing, columns=["image_id", "reason"])
-    current = {
-        i
-        for i, r in zip(rows["image_id"].to_pylist(), rows["reason"].to_pylist(), strict=True)
-        if r is None
-    }
-    found = find_reusable_pretext(workspace, config, image_config_key, current, max_growth)
-    if found is None:
-        return own
-    get_run_logger().info(
-        "reusing pretext backbone %s (%d new images are within the %.0f%% growth allowance)",
-        found[0][:12],
-        found[1],
-        100 * max_growth,
-    )
-    return found[0]
+    own_exists = workspace.exists(f"pretext/{own}/{MANIFEST}")
+    candidates: list[BackboneCandidate] = []
+    if not own_exists and not retrain and retrain_after > 0:
+        rows = workspace.read_table(listing, columns=["image_id", "reason"])
+        current = {
+            i
+            for i, r in zip(rows["image_id"].to_pylist(), rows["reason"].to_pylist(), strict=True)
+            if r is None
+        }
+        candidates = backbone_candidates(workspace, config, image_config_key, current)
+    plan = choose_backbone(own, own_exists, candidates, retrain_after, retrain)
+    get_run_logger().info("pretext backbone %s: %s", plan.key[:12], plan.reason)
+    return plan

@@ -67,3 +67,35 @@ IMAGE_IDS = pa.schema([("image_id", pa.string())])
 def embeddings_schema(dim: int) -> pa.Schema:
     """Embeddings table: ``image_id`` and a ``fixed_size_list<float32>[dim]`` embedding."""
     return pa.schema([("image_id", pa.string()), ("embedding", pa.list_(pa.float32(), dim))])
+
+#: Per-cluster growth between a run and the previous run of its lake (:mod:`tasks.lineage`),
+#: counted in unique images; ``cluster`` is the stable id.
+CLUSTER_LINEAGE = pa.schema(
+    [
+        ("cluster", pa.int32()),
+        ("status", pa.string()),  # kept | born | vanished
+        ("previous_size", pa.int64()),
+        ("size", pa.int64()),
+        ("growth", pa.int64()),
+        ("stayed", pa.int64()),
+        ("moved_in", pa.int64()),
+        ("moved_out", pa.int64()),
+        ("new_images", pa.int64()),
+        ("removed_images", pa.int64()),
+    ]
+)
+
+#: Duplicate report, one row per pair: ``exact`` pairs are two lake objects with one content hash
+#: (``image_id == duplicate_id``, similarity 1); ``near`` pairs are two images whose embeddings'
+#: cosine similarity (from the neighbours table) reaches the threshold, ``image_id <
+#: duplicate_id``, each with the first lake object (by URI) holding it.
+DUPLICATES = pa.schema(
+    [
+        ("kind", pa.string()),
+        ("image_id", pa.string()),
+        ("duplicate_id", pa.string()),
+        ("uri", pa.string()),
+        ("duplicate_uri", pa.string()),
+        ("similarity", pa.float32()),
+    ]
+)

@@ -129,6 +129,13 @@ def log_file(
         ref.client().log_artifact(run_id, str(path), artifact_path=folder)
 
 
+def log_table(ref: TrackingRef, run_id: str, rows: list[dict[str, Any]], name: str) -> None:
+    """Log ``rows`` as an MLflow table artifact ``name`` (``.json``; shown in the UI's table
+    view)."""
+    if rows:
+        ref.client().log_table(run_id, {k: [r[k] for r in rows] for k in rows[0]}, name)
+
+
 def end_run(ref: TrackingRef, run_id: str, ok: bool = True) -> None:
     """Mark a run finished (or failed)."""
     status = RunStatus.FINISHED if ok else RunStatus.FAILED

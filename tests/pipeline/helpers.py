@@ -14,6 +14,7 @@ ALL_STAGES = [
     "pretext",
     "embed",
     "mine_neighbors",
+    "duplicates",
     "scan",
     "selflabel",
     "assign",
@@ -22,7 +23,10 @@ ALL_STAGES = [
 
 
 def run_pipeline(
-    lake: str, workspace: str, overrides: dict[str, Any] | None = None, growth: float = 0.2
+    lake: str,
+    workspace: str,
+    overrides: dict[str, Any] | None = None,
+    retrain_pretext: bool = False,
 ) -> dict[str, Any]:
     """Run ``scan_pipeline`` with the tiny config (plus overrides)."""
     from flows.pipeline import scan_pipeline
@@ -32,7 +36,7 @@ def run_pipeline(
         lake=lake,
         workspace=workspace,
         config=config.model_dump(mode="json"),
-        reuse_pretext_growth=growth,
+        retrain_pretext=retrain_pretext,
     )
 
 

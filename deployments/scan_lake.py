@@ -1,0 +1,147 @@
+"""The scheduled deployment of ``scan_pipeline`` (DESIGN.md §2, ``deployments/``).
+
+Re-clustering a growing lake on a schedule, Prefect's two ways:
+
+- **serve** (``scan-lake serve``): :func:`build_deployment` makes the deployment with
+  ``scan_pipeline.to_deployment(cron=...)`` and :func:`serve_deployments` serves it from this
+  process (``prefect.serve``): it registers the deployment and its schedule with the Prefect
+  server, polls for due runs and runs each in a subprocess. No work pool.
+- **worker** (``scan-lake deploy --work-pool NAME``): :func:`deploy_to_work_pool` registers the same
+  deployment on a ``process`` work pool, with the flow code pulled from this checkout
+  (``flow.from_source``); ``prefect worker start --pool NAME`` runs it. ``prefect.yaml`` at the
+  repository root describes the same deployment for ``prefect deploy``.
+
+Both need a running Prefect server (``PREFECT_API_URL``), not the ephemeral one. The flow runs
+read machine settings (S3 endpoint, credentials, MLflow) from the serve/worker process's
+environment (``tasks/settings.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from tasks.config import build_config
+from tasks.errors import ScanLakeError
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+ENTRYPOINT = "flows/pipeline.py:scan_pipeline"
+DEPLOYMENT_NAME = "scan-lake-scheduled"
+DEFAULT_CRON = "0 2 * * *"  # every night at 02:00 (server time zone: UTC unless set)
+TAGS = ["scan-lake"]
+
+
+def deployment_parameters(
+    lake: str,
+    workspace: str,
+    clusters: int | None = None,
+    config_file: Path | str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The flow parameters of the deployment: lake, workspace, clusters and the whole config.
+
+    The config file and overrides are resolved now, so the deployment holds every setting (shown
+    and editable in the Prefect UI) and does not depend on a file on the worker.
+
+    Raises:
+        ScanLakeError: an invalid config.
+    """
+    config = build_config(config_file, overrides, clusters)
+    return {
+        "lake": lake,
+        "workspace": workspace,
+        "clusters": config.scan.num_clusters,
+        "config": config.model_dump(mode="json"),
+    }
+
+
+def build_deployment(
+    parameters: dict[str, Any], name: str = DEPLOYMENT_NAME, cron: str = DEFAULT_CRON
+) -> Any:
+    """``scan_pipeline.to_deployment`` with the cron schedule and parameters (for ``serve``)."""
+    from flows.pipeline import scan_pipeline
+
+    return scan_pipeline.to_deployment(
+        name=name,
+        cron=cron,
+        parameters=parameters,
+        tags=TAGS,
+        description=f"Re-cluster {parameters['lake']} into {parameters['clusters']} clusters.",
+    )
+
+
+def check_api() -> str:
+    """The URL of the Prefect server the deployment goes to.
+
+    Raises:
+        ScanLakeError: ``PREFECT_API_URL`` is unset or the server does not answer.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise ScanLakeError(
+            "Deployments need a running Prefect server: start one with `uv run prefect server "
+            "start` and export PREFECT_API_URL=http://127.0.0.1:4200/api."
+        )
+    with get_client(sync_client=True) as client:
+        exc = client.api_healthcheck()
+    if exc is not None:
+        raise ScanLakeError(
+            f"The Prefect server at {url} does not answer ({type(exc).__name__}): start it with "
+            "`uv run prefect server start` or fix PREFECT_API_URL."
+        ) from exc
+    return str(url)
+
+
+def serve_deployments(*deployments: Any, limit: int | None = 1) -> None:
+    """Register ``deployments`` and run their scheduled and requested runs until interrupted
+    (``prefect.serve``); ``limit`` runs at a time (one: runs of a lake must not overlap)."""
+    from prefect import serve
+
+    serve(*deployments, limit=limit)
+
+
+def ensure_work_pool(name: str) -> None:
+    """Create the ``process`` work pool ``name`` unless it exists."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+            logger.info("created process work pool %s", name)
+
+
+def deploy_to_work_pool(
+    parameters: dict[str, Any],
+    work_pool: str,
+    name: str = DEPLOYMENT_NAME,
+    cron: str = DEFAULT_CRON,
+    source: Path = ROOT,
+) -> UUID:
+    """Register the deployment on the ``process`` work pool ``work_pool`` (created if missing),
+    with the flow code taken from ``source`` (this checkout) when a worker runs it."""
+    from prefect import Flow
+
+    ensure_work_pool(work_pool)
+    flow: Any = Flow.from_source(source=str(source), entrypoint=ENTRYPOINT)
+    return flow.deploy(  # type: ignore[no-any-return]
+        name=name,
+        work_pool_name=work_pool,
+        cron=cron,
+        parameters=parameters,
+        tags=TAGS,
+        description=f"Re-cluster {parameters['lake']} into {parameters['clusters']} clusters.",
+        build=False,
+        push=False,
+        print_next_steps=False,
+    )
