@@ -16,8 +16,13 @@ features themselves, :func:`score_cluster_counts` measures label-free criteria f
   kNN graph (von Luxburg 2007, §8.3), computed once from the neighbours.
 
 :func:`choose_num_clusters` picks k with one of them (``ClusterCountConfig.criterion``) and says
-why. Which criterion to trust is an empirical question; see the module's tests and the report
-that introduced it for what was measured on Fashion-MNIST.
+why. The default, ``stability_1se``, takes the smallest k whose stability is within one standard
+error of the best (the one-standard-error rule). Measured on Fashion-MNIST (k = 2..20, 8 heads,
+30 epochs): on 10-epoch Super-AND features of 10k images it chose k=12 (ACC of its best head
+0.56); on 20-epoch SimCLR features of all 70k images stability kept rising with k and it chose
+k=19. The SCAN loss, assignment entropy, consistency, agreement and eigengap curves were monotone
+in k or flat on both (they pick an end of the range), so treat the choice as a suggestion and
+look at the curves.
 """
 
 from __future__ import annotations
