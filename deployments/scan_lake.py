@@ -134,14 +134,14 @@ def deploy_to_work_pool(
 
     ensure_work_pool(work_pool)
     flow: Any = Flow.from_source(source=str(source), entrypoint=ENTRYPOINT)
-    return flow.deploy(  # type: ignore[no-any-return]
+    # ``to_deployment(...).apply()`` rather than ``flow.deploy``: prefect 3.8.8's ``deploy`` asks
+    # the server for the pool's workers with ``limit: null``, which its own API refuses (422).
+    deployment = flow.to_deployment(
         name=name,
         work_pool_name=work_pool,
         cron=cron,
         parameters=parameters,
         tags=TAGS,
         description=f"Re-cluster {parameters['lake']} into {parameters['clusters']} clusters.",
-        build=False,
-        push=False,
-        print_next_steps=False,
     )
+    return deployment.apply()  # type: ignore[no-any-return]

@@ -314,7 +314,8 @@ def deploy(
         return
     console.print(
         f"Deployment scan_pipeline/{name} ({deployment_id}) on work pool '{work_pool}', cron "
-        f"'{cron}'. Start a worker: uv run prefect worker start --pool {work_pool}"
+        f"'{cron}'. Start a worker: uv run prefect worker start --pool {work_pool}",
+        soft_wrap=True,
     )
 
 
