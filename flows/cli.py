@@ -12,11 +12,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from deployments.scan_lake import DEFAULT_CRON, DEPLOYMENT_NAME
-from tasks.errors import ScanLakeError
+from tasks.errors import ScanLakeError, user_error
 from tasks.settings import MachineSettings, prepare_environment
 from tasks.storage import Storage
 
@@ -54,11 +55,12 @@ class _Bars:
 
 
 class _QuietUserErrors(logging.Filter):
-    """Drop the traceback from Prefect's log records of a :class:`ScanLakeError` (the CLI prints
-    the one-sentence message; ``--debug`` keeps tracebacks)."""
+    """Drop the traceback from console log records of an error a user can fix
+    (:func:`tasks.errors.user_error`): the CLI prints its one sentence. The records sent to the
+    Prefect API keep their tracebacks, and ``--debug`` keeps them on the console too."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], ScanLakeError):
+        if record.exc_info and record.exc_info[1] is not None and user_error(record.exc_info[1]):
             record.exc_info, record.exc_text = None, None
         return True
 
@@ -66,10 +68,9 @@ class _QuietUserErrors(logging.Filter):
 def _quiet_prefect_tracebacks() -> None:
     if state["debug"]:
         return
-    for name in ("prefect.flow_runs", "prefect.task_runs"):
-        target = logging.getLogger(name)
-        if not any(isinstance(f, _QuietUserErrors) for f in target.filters):
-            target.addFilter(_QuietUserErrors())
+    for handler in logging.getLogger().handlers:  # Prefect's console handler sits on the root
+        if not any(isinstance(f, _QuietUserErrors) for f in handler.filters):
+            handler.addFilter(_QuietUserErrors())
 
 
 def _run_flow(
@@ -147,10 +148,15 @@ def _report(result: dict[str, Any], settings: MachineSettings, seconds: float) -
     )
 
 
+def _sentence(exc: BaseException) -> str:
+    """The message of ``exc`` on one line, safe to print with rich markup."""
+    return escape(" ".join(str(exc).split()))
+
+
 def _fail(exc: BaseException) -> None:
     if state["debug"]:
         raise exc
-    console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+    console.print(f"[bold red]error:[/] {_sentence(exc)}", soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -319,9 +325,30 @@ def deploy(
     )
 
 
+def _exit_code(exc: Exception) -> int:
+    """Print the one sentence for ``exc`` and return the exit status: 2 when a user can fix the
+    cause, 1 for anything else (a bug, or a case not handled yet)."""
+    known = user_error(exc)
+    if known is not None:
+        console.print(f"[bold red]error:[/] {_sentence(known)}", soft_wrap=True)
+        return 2
+    detail = _sentence(exc)[:300]
+    console.print(
+        f"[bold red]error:[/] the run stopped on an unexpected {type(exc).__name__} ({detail}): "
+        "rerun with --debug for the traceback and report it; finished stages are kept.",
+        soft_wrap=True,
+    )
+    return 1
+
+
 def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="scan-lake")
+    """Console-script entry point: every failure ends in one sentence (``--debug``: traceback)."""
+    try:
+        app(prog_name="scan-lake")
+    except Exception as exc:
+        if state["debug"]:
+            raise
+        sys.exit(_exit_code(exc))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,11 @@ def build_config(
     Raises:
         ScanLakeError: unreadable file, unknown keys, wrong types or values.
     """
+    if clusters is not None and clusters < 2:
+        raise ScanLakeError(
+            f"--clusters {clusters} is invalid: scan.num_clusters must be greater than or equal to "
+            "2 (clustering needs at least two clusters); pass --clusters 2 or more."
+        )
     data: dict[str, Any] = {}
     if config_file is not None:
         path = Path(config_file)
@@ -56,7 +61,12 @@ def build_config(
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise ScanLakeError(f"Config file '{path}' is not valid YAML ({exc}): fix it.") from exc
+            where = getattr(exc, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise ScanLakeError(
+                f"Config file '{path}' is not valid YAML ({problem}{at}): fix it."
+            ) from exc
         if loaded is not None and not isinstance(loaded, dict):
             raise ScanLakeError(
                 f"Config file '{path}' must hold a mapping of sections (image, pretext, "

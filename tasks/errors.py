@@ -80,7 +80,7 @@ def user_error(exc: BaseException) -> ScanLakeError | None:
 
     Recognised: our own errors anywhere in the chain, lost connections to the object store
     (raised by Prefect's result storage or MLflow's artifact upload, which our retries do not
-    wrap) and a full disk.
+    wrap), denied access and a full disk.
     """
     chain = _chain(exc)
     for item in chain:
@@ -93,6 +93,12 @@ def user_error(exc: BaseException) -> ScanLakeError | None:
             MachineSettings().s3_endpoint_name, "the pipeline was writing its results", exc
         )
     for item in chain:
+        if isinstance(item, PermissionError):
+            return ScanLakeError(
+                f"Access was denied ({item}): check that the credentials (AWS_ACCESS_KEY_ID) "
+                "may read the lake and write the workspace, and the file permissions of local "
+                "folders."
+            )
         if isinstance(item, OSError) and item.errno in (errno.ENOSPC, errno.EDQUOT):
             return ScanLakeError(
                 f"No space left on the device ({item}): free some space or point --workspace "

@@ -269,12 +269,12 @@ def run_stage(request: StageRequest, body: Callable[[StageRun], dict[str, Any]])
 
 
 def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect ``retry_condition_fn``: retry I/O failures, never a user error."""
+    """Prefect ``retry_condition_fn``: retry I/O failures, never a user error or a denied access."""
     from tasks.errors import ScanLakeError
 
     try:
         state.result()
-    except ScanLakeError:
+    except (ScanLakeError, PermissionError):
         return False
     except Exception:
         return True

@@ -167,10 +167,12 @@ class Storage:
         """Fail with a clear sentence when the root cannot be reached or does not exist.
 
         Args:
-            create: Create a missing local folder / S3 prefix (the bucket must exist).
+            create: The root is a workspace: create a missing local folder (an S3 bucket must
+                exist) and prove that it is writable by writing and removing a probe object.
 
         Raises:
-            ScanLakeError: unreachable endpoint, missing bucket, missing folder, no access.
+            ScanLakeError: unreachable endpoint, missing bucket, missing folder, no credentials,
+                no access, a workspace that cannot be written.
         """
         try:
             if self.protocol in ("s3", "s3a"):
@@ -192,6 +194,8 @@ class Storage:
                         f"'{self.url}' does not exist: check the path or create the folder."
                     )
                 self.fs.makedirs(self.root, exist_ok=True)
+            if create:
+                self._check_writable()
         except ScanLakeError:
             raise
         except PermissionError as exc:
@@ -200,10 +204,29 @@ class Storage:
                 "AWS_SECRET_ACCESS_KEY."
             ) from exc
         except Exception as exc:  # botocore connection errors, DNS failures, ...
+            if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+                raise ScanLakeError(
+                    f"No S3 credentials were found for '{self.url}' ({exc}): set "
+                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)."
+                ) from exc
             raise ScanLakeError(
                 f"Cannot reach '{self.url}' ({type(exc).__name__}: {exc}): check "
                 "SCAN_LAKE_S3_ENDPOINT_URL / AWS_ENDPOINT_URL and that the server is up."
             ) from exc
+
+    def _check_writable(self) -> None:
+        probe = f".scan-lake-write-probe-{uuid.uuid4().hex[:12]}"
+        try:
+            self.write_bytes(probe, b"")
+        except PermissionError as exc:
+            raise ScanLakeError(
+                f"The workspace '{self.url}' cannot be written with these credentials ({exc}): "
+                "grant them write access or choose another --workspace."
+            ) from exc
+        try:
+            self.fs.rm_file(self.path(probe))
+        except OSError:
+            logger.warning("could not remove the write probe %s", self.uri(probe))
 
     # -- listing and reading -----------------------------------------------------------------
 
