@@ -4,14 +4,17 @@ Prefect test server, all on 127.0.0.1, started once per session and stopped at t
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from scan_core.data import LABELS_SIDECAR, labels_table, lake_objects, load_fashion_mnist
-from tests.pipeline.weed import WeedServer
+from tests.pipeline.weed import WeedServer, identity
 
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 LAKE_IMAGES = 120
@@ -117,3 +120,55 @@ def s3fs_client(pipeline_env: Path) -> object:
         secret="scan-lake-test",
         client_kwargs={"endpoint_url": os.environ["SCAN_LAKE_S3_ENDPOINT_URL"]},
     )
+
+
+@dataclass(frozen=True)
+class SecureS3:
+    """A SeaweedFS S3 that requires credentials: an admin identity for the tests, and the
+    pipeline's identity, which may only read and list ``lake_bucket`` and read, write and list
+    ``work_bucket``. Its secret is recognisable, to search for leaks."""
+
+    endpoint: str
+    admin: Any  # s3fs.S3FileSystem with the admin identity
+    key: str
+    secret: str
+    lake_bucket: str = "secure-lake"
+    work_bucket: str = "secure-work"
+
+    def env(self) -> dict[str, str]:
+        """Environment variables that point the pipeline at this server as its identity."""
+        return {
+            "SCAN_LAKE_S3_ENDPOINT_URL": self.endpoint,
+            "MLFLOW_S3_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.key,
+            "AWS_SECRET_ACCESS_KEY": self.secret,
+        }
+
+
+@pytest.fixture(scope="session")
+def secure_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureS3]:
+    """A credentialed SeaweedFS S3 (``-s3.config`` identities) for the session."""
+    import s3fs
+
+    secret = f"PLANTED-SECRET-{uuid.uuid4().hex}"
+    lake, work = "secure-lake", "secure-work"
+    pipeline_actions = [f"{a}:{lake}" for a in ("Read", "List")]
+    pipeline_actions += [f"{a}:{work}" for a in ("Read", "Write", "List", "Tagging")]
+    identities = [
+        identity("admin", "scan-lake-admin", "admin-secret", ["Admin"]),
+        identity("pipeline", "scan-lake-pipeline", secret, pipeline_actions),
+    ]
+    server = WeedServer(tmp_path_factory.mktemp("weed-secure"), identities)
+    server.start()
+    admin = s3fs.S3FileSystem(
+        key="scan-lake-admin",
+        secret="admin-secret",
+        client_kwargs={"endpoint_url": server.endpoint},
+        skip_instance_cache=True,
+    )
+    admin.mkdir(lake)
+    admin.mkdir(work)
+    try:
+        yield SecureS3(server.endpoint, admin, "scan-lake-pipeline", secret, lake, work)
+    finally:
+        server.stop()
