@@ -68,6 +68,7 @@ def embeddings_schema(dim: int) -> pa.Schema:
     """Embeddings table: ``image_id`` and a ``fixed_size_list<float32>[dim]`` embedding."""
     return pa.schema([("image_id", pa.string()), ("embedding", pa.list_(pa.float32(), dim))])
 
+
 #: Per-cluster growth between a run and the previous run of its lake (:mod:`tasks.lineage`),
 #: counted in unique images; ``cluster`` is the stable id.
 CLUSTER_LINEAGE = pa.schema(
