@@ -2,9 +2,11 @@
 
 - ``scan-lake serve`` registers the deployment (cron schedule, lake/workspace/clusters/config
   parameters) and its runner executes a run requested through the API;
-- ``scan-lake deploy`` registers it on a process work pool and a real ``prefect worker`` runs it.
+- ``scan-lake deploy`` registers it on a process work pool and a real ``prefect worker`` runs it;
+- ``prefect deploy`` registers ``prefect.yaml`` (the same deployment in Prefect's format) and a
+  worker started outside the checkout runs it from ``SCAN_LAKE_CHECKOUT``.
 
-Both runs go to the same tiny lake and workspace, so the worker's run is all cache hits.
+The runs go to the same tiny lake and workspace, so the later runs are cache hits.
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ def _stop(process: subprocess.Popen[bytes], timeout: float = 20) -> None:
             process.wait()
 
 
-def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def _start(
+    args: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT
+) -> subprocess.Popen[bytes]:
     handle = log.open("wb")
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    return subprocess.Popen(args, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT)
 
 
 @pytest.fixture(scope="module")
@@ -144,9 +148,15 @@ def _wait_for_deployment(
             time.sleep(1)
 
 
-def _run_and_wait(url: str, deployment_id: Any, logs: list[Path], timeout: float = 400) -> Any:
+def _run_and_wait(
+    url: str,
+    deployment_id: Any,
+    logs: list[Path],
+    timeout: float = 400,
+    parameters: dict[str, Any] | None = None,
+) -> Any:
     with _client(url) as client:
-        flow_run = client.create_flow_run_from_deployment(deployment_id)
+        flow_run = client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
         deadline = time.monotonic() + timeout
         while True:
             flow_run = client.read_flow_run(flow_run.id)
@@ -223,5 +233,85 @@ def test_deploy_on_a_work_pool_runs_through_a_process_worker(
         assert flow_run.state.is_completed(), log.read_text()[-3000:]
         mlflow_run = _mlflow_run_of(str(flow_run.id))
         assert mlflow_run.data.tags["stages_run"] == "none"  # the served run made every stage
+    finally:
+        _stop(worker)
+
+
+def test_prefect_yaml_is_the_deployment_scan_lake_deploy_registers() -> None:
+    """prefect.yaml holds the deployment's own parameters (lake, workspace, clusters, growth
+    policy), no copy of a science config that could drift from one: its runs use the config that
+    ``scan-lake deploy`` registers without ``--config``, and its name, entrypoint, schedule, tags
+    and work pool are those of deployments/scan_lake.py and of the deploy command."""
+    import inspect
+
+    import yaml
+
+    from deployments import scan_lake
+    from flows.cli import deploy
+    from flows.pipeline import scan_pipeline
+    from tasks.config import as_config
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    (deployment,) = spec["deployments"]
+    assert deployment["name"] == scan_lake.DEPLOYMENT_NAME
+    assert deployment["entrypoint"] == scan_lake.ENTRYPOINT
+    assert deployment["tags"] == scan_lake.TAGS
+    assert [s["cron"] for s in deployment["schedules"]] == [scan_lake.DEFAULT_CRON]
+    pool_default = inspect.signature(deploy).parameters["work_pool"].default
+    assert deployment["work_pool"]["name"] == pool_default
+    parameters = deployment["parameters"]
+    assert set(parameters) == {"lake", "workspace", "clusters", "config"}
+    assert set(parameters) <= set(inspect.signature(scan_pipeline.fn).parameters)
+    assert set(parameters["config"]) == {"growth"}, "science settings belong to a config file"
+    clusters = parameters["clusters"]
+    effective = as_config(parameters["config"]).with_overrides({"scan.num_clusters": clusters})
+    registered = scan_lake.deployment_parameters("lake", "workspace", clusters)
+    assert effective.model_dump(mode="json") == registered["config"]
+
+
+def test_prefect_deploy_registers_prefect_yaml_and_a_worker_runs_it(
+    prefect_api: Any, tiny_lake: dict[str, str]
+) -> None:
+    import yaml
+
+    from deployments.scan_lake import ensure_work_pool
+
+    root: Path = prefect_api["root"]
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    with _client(prefect_api["url"]):
+        ensure_work_pool("scan-lake-test")
+    env = {**prefect_api["env"], "LAKE": tiny_lake["lake"], "WORKSPACE": tiny_lake["workspace"]}
+    command = [sys.executable, "-m", "prefect", "--no-prompt", "deploy"]
+    command += ["--name", "scan-lake-scheduled", "--pool", "scan-lake-test"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    # prefect 3.8.8 under fastapi 0.150-0.154: after registering, `prefect deploy` looks for
+    # online workers with `limit: null`, which its own server refuses (422), and exits 1.
+    known_422 = "workers/filter" in output and "422" in output
+    assert done.returncode == 0 or known_422, output[-3000:]
+    with _client(prefect_api["url"]) as client:
+        deployment = client.read_deployment_by_name("scan_pipeline/scan-lake-scheduled")
+    assert deployment.work_pool_name == "scan-lake-test"
+    assert deployment.entrypoint == spec["deployments"][0]["entrypoint"]
+    expected = {**spec["deployments"][0]["parameters"], **tiny_lake}
+    assert deployment.parameters == expected  # LAKE and WORKSPACE filled in at deploy time
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
+    assert deployment.pull_steps == spec["pull"]  # SCAN_LAKE_CHECKOUT is read by the worker
+
+    # A worker started outside the checkout finds the flow through SCAN_LAKE_CHECKOUT.
+    log = root / "yaml-worker.log"
+    worker_env = {**prefect_api["env"], "SCAN_LAKE_CHECKOUT": str(ROOT)}
+    worker_command = [sys.executable, "-m", "prefect", "worker", "start"]
+    worker = _start(worker_command + ["--pool", "scan-lake-test"], worker_env, log, cwd=root)
+    try:
+        tiny = yaml.safe_load(TINY_CONFIG.read_text())
+        config = {**tiny, "growth": deployment.parameters["config"]["growth"]}
+        parameters = {"config": config, "clusters": tiny["scan"]["num_clusters"]}
+        flow_run = _run_and_wait(prefect_api["url"], deployment.id, [log], parameters=parameters)
+        assert flow_run.state.is_completed(), log.read_text()[-3000:]
+        assert flow_run.parameters["lake"] == tiny_lake["lake"]
+        mlflow_run = _mlflow_run_of(str(flow_run.id))
+        assert mlflow_run.info.status == "FINISHED"
+        assert mlflow_run.data.tags["lake"] == tiny_lake["lake"]
     finally:
         _stop(worker)
