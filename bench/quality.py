@@ -1,0 +1,595 @@
+"""Clustering quality on all 70,000 Fashion-MNIST images: the SCAN paper's Table 1 on our data.
+
+Rows (methods), each a mean and std over seeds:
+
+* ``kmeans_raw``      K-means on raw pixels (the classic baseline),
+* ``pretext_kmeans``  K-means on the SimCLR pretext embeddings (SCAN Table 1, first row),
+* ``scan``            SCAN loss on mined neighbours (SCAN step 3),
+* ``scan_selflabel``  SCAN + self-labeling (SCAN step 4),
+* ``rotnet_scan_selflabel`` (with ``--rotnet``) the same with a RotNet pretext (SCAN Table 2),
+
+and, with ``--methods``, the rows of the second seed method and beyond (issue 7), all built on
+the same SimCLR pretext model:
+
+* ``twostage``          Han et al. 2020 class assignment (IIC + L_cp, Norm-FC heads),
+* ``iic``               IIC alone (Ji et al. 2019) on the same backbone,
+* ``scan_overcluster``  SCAN with 2x as many clusters as classes, many-to-one ACC,
+* ``auto_k``            the label-free choice of k (``scan_core.model_selection``), then SCAN at
+  that k; ``chosen_k`` is in the row.
+
+``seconds`` is the wall time a method costs from raw pixels to its clustering (a method's time
+includes the stages it builds on), averaged over seeds. By default one pretext model is trained
+(seed 0) and the seeds vary K-means, SCAN and self-labeling; ``--pretext-per-seed`` trains one
+pretext model per seed instead (slower, also measures pretext variance).
+
+Usage::
+
+    uv run python bench/quality.py               # full run, CPU, about an hour on 2 cores
+    uv run python bench/quality.py --quick       # smoke test: 2,000 images, tiny epochs
+    uv run python bench/quality.py --methods twostage,iic,scan_overcluster,auto_k --seeds 1 \
+        --reuse-pretext                          # issue 7 rows, merged into the same files
+
+Writes ``bench/results/quality.json`` (list of rows) and ``bench/results/quality.md`` after every
+finished seed, so an interrupted run keeps what it measured; a run of some methods replaces those
+rows and keeps the others. ``--reuse-pretext`` loads the pretext model an earlier run with the
+same pretext settings saved under ``bench/.work/quality/`` and counts its measured training time
+in the rows' ``seconds``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from scan_core.clustering import train_scan
+from scan_core.config import (
+    ClusterCountConfig,
+    PipelineConfig,
+    TwoStageConfig,
+    resolve_device,
+)
+from scan_core.data import load_fashion_mnist
+from scan_core.evaluation import evaluate_clustering, kmeans, many_to_one_accuracy
+from scan_core.inference import compute_embeddings, predict_probabilities
+from scan_core.model_selection import choose_num_clusters
+from scan_core.neighbors import mine_neighbors, neighbor_purity
+from scan_core.pretext import build_pretext_model, train_pretext
+from scan_core.selflabel import train_selflabel
+from scan_core.training import EpochLog
+from scan_core.twostage import train_twostage
+
+RESULTS = Path(__file__).parent / "results"
+DATASET = "fashion-mnist"
+
+#: The benchmark's settings: the official ones scaled to a 2-core CPU budget (see quality.md).
+FULL_SETTINGS: dict[str, Any] = {
+    "pretext.epochs": 30,
+    "scan.head_warmup_epochs": 30,
+    "scan.epochs": 15,
+    "selflabel.epochs": 1,
+}
+QUICK_SETTINGS: dict[str, Any] = {
+    "pretext.epochs": 2,
+    "pretext.batch_size": 256,
+    "scan.epochs": 2,
+    "scan.batch_size": 128,
+    "scan.head_warmup_epochs": 10,
+    "selflabel.epochs": 1,
+    "selflabel.batch_size": 256,
+    "selflabel.threshold": 0.7,
+    "twostage.epochs": 2,
+    "cluster_count.k_max": 8,
+    "cluster_count.epochs": 5,
+    "cluster_count.num_heads": 3,
+}
+
+#: Published numbers to put beside ours (../shared/REFERENCES.md).
+PUBLISHED = [
+    ("K-means, raw pixels", "0.47 / 0.51 / -", "XifengGuo/DEC-keras README (mean of 10), 70k"),
+    (
+        "K-means, raw pixels (measured here 2026-11-22)",
+        "0.476 / 0.512 / 0.349",
+        "REFERENCES.md, sklearn n_init 3, 70k",
+    ),
+    ("Autoencoder + K-means", "0.61 / 0.64 / 0.474", "DEC-keras README, 70k"),
+    ("DEC (Keras re-implementation)", "0.62 / 0.65 / 0.494", "DEC-keras README, 70k"),
+    ("DynAE", "0.591 / 0.642 / -", "DynAE paper, 70k"),
+    ("N2D (AE + UMAP + GMM)", "0.672 / 0.684 / -", "N2D paper, 70k"),
+    ("DCCS (ECCV 2020)", "~0.756 / ~0.704 / ~0.623 (recalled, unverified)", "70k"),
+    (
+        "SCAN on CIFAR-10 (not our data)",
+        "Table 1: pretext+K-means 0.359, SCAN 0.725, SCAN+self-label 0.835",
+        "SCAN paper",
+    ),
+]
+
+log = logging.getLogger("bench.quality")
+
+
+@dataclass
+class Trial:
+    """One seed's result for one method."""
+
+    acc: float
+    nmi: float
+    ari: float
+    seconds: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def epoch_printer(prefix: str) -> Callable[[EpochLog], None]:
+    def show(entry: EpochLog) -> None:
+        shown = " ".join(f"{k}={v:.4g}" for k, v in entry.metrics.items())
+        print(
+            f"  [{prefix}] {entry.stage} {entry.epoch}/{entry.epochs} {shown} "
+            f"({entry.seconds:.0f}s)",
+            flush=True,
+        )
+
+    return show
+
+
+def score(labels: np.ndarray, predictions: np.ndarray, seconds: float, **extra: float) -> Trial:
+    m = evaluate_clustering(labels, predictions, num_clusters=int(predictions.max()) + 1)
+    return Trial(m.acc, m.nmi, m.ari, seconds, dict(extra))
+
+
+TABLE1 = ("kmeans_raw", "pretext_kmeans", "scan", "scan_selflabel")
+EXTRA = ("twostage", "iic", "scan_overcluster", "auto_k")
+WORK = Path(__file__).parent / ".work" / "quality"
+
+
+@dataclass
+class Pretext:
+    """A trained pretext model, its embeddings and mined neighbours, and what they cost."""
+
+    model: Any
+    features: np.ndarray
+    mined: Any
+    seconds: float  # pretext training + embedding (a reused model: its measured training time)
+    train_seconds: float
+    reused: bool = False
+
+
+def pretext_for(
+    name: str, images: torch.Tensor, config: PipelineConfig, seed: int, reuse: bool
+) -> Pretext:
+    """Train (or, with ``reuse``, load a saved) pretext model, embed every image, mine kNN."""
+    cfg = config.pretext.model_copy(update={"seed": seed, "method": name})
+    digest = hashlib.sha256(f"{cfg.model_dump_json()}|{tuple(images.shape)}".encode()).hexdigest()[
+        :16
+    ]
+    weights, meta = WORK / f"pretext-{digest}.pt", WORK / f"pretext-{digest}.json"
+    reused = reuse and weights.exists() and meta.exists()
+    start = time.perf_counter()
+    if reused:
+        model = build_pretext_model(cfg, images.shape[1])
+        model.load_state_dict(torch.load(weights, weights_only=True))
+        trained = json.loads(meta.read_text())["train_seconds"]
+        print(f"pretext {name} seed {seed}: reused {weights} (trained in {trained:.0f}s)")
+    else:
+        print(f"pretext {name} seed {seed}: {cfg.epochs} epochs", flush=True)
+        model = train_pretext(images, cfg, progress=epoch_printer(f"seed {seed}")).model
+        trained = time.perf_counter() - start
+        WORK.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), weights)
+        meta.write_text(json.dumps({"train_seconds": trained, "config": cfg.model_dump()}))
+        start = time.perf_counter()
+    features = compute_embeddings(model, images, device=cfg.device)
+    seconds = trained + time.perf_counter() - start
+    mined = mine_neighbors(features, config.neighbors.k, index=config.neighbors.index)
+    return Pretext(model, features, mined, seconds, trained, reused)
+
+
+def run_pretext_branch(
+    name: str,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    config: PipelineConfig,
+    seeds: list[int],
+    methods: set[str],
+    options: argparse.Namespace,
+    trials: dict[str, list[Trial]],
+    checkpoint: Callable[[], None],
+) -> None:
+    """Pretext -> K-means, and pretext -> neighbours -> SCAN -> self-labeling (and the methods
+    of ``EXTRA`` that are asked for), for every seed; ``checkpoint`` after every seed."""
+    prefix = "" if name == "simclr" else f"{name}_"
+    cache: dict[int, Pretext] = {}
+    k = config.scan.num_clusters
+    for seed in seeds:
+        pretext_seed = seed if options.pretext_per_seed else seeds[0]
+        if pretext_seed not in cache:
+            cache[pretext_seed] = pretext_for(
+                name, images, config, pretext_seed, options.reuse_pretext
+            )
+        pre = cache[pretext_seed]
+        if pre.reused:
+            options.run["pretext_reused"] = True
+            options.run["pretext_train_seconds"] = pre.train_seconds
+        base = pre.seconds + pre.mined.seconds
+        purity = neighbor_purity(pre.mined.I, labels)
+        print(f"  neighbour purity@{config.neighbors.k}: {purity:.4f}", flush=True)
+        show = epoch_printer(f"seed {seed}")
+
+        def add(method: str, trial: Trial, seed: int = seed) -> None:
+            trials[prefix + method].append(trial)
+            print(f"  {prefix}{method} seed {seed}: acc {trial.acc:.4f}", flush=True)
+
+        if "pretext_kmeans" in methods:
+            start = time.perf_counter()
+            pred = kmeans(pre.features, k, n_init=3, seed=seed)
+            add("pretext_kmeans", score(labels, pred, pre.seconds + time.perf_counter() - start))
+
+        if methods & {"scan", "scan_selflabel"}:
+            start = time.perf_counter()
+            scan_cfg = config.scan.model_copy(update={"seed": seed})
+            scan = train_scan(images, pre.mined.I, pre.model.backbone, scan_cfg, progress=show)
+            probs = predict_probabilities(scan.model, images, device=scan_cfg.device)
+            scan_seconds = base + time.perf_counter() - start
+            add("scan", score(labels, probs.argmax(1), scan_seconds, neighbor_purity=purity))
+            if "scan_selflabel" in methods:
+                start = time.perf_counter()
+                sl_cfg = config.selflabel.model_copy(update={"seed": seed})
+                selflabel = train_selflabel(images, scan.model, sl_cfg, progress=show)
+                probs = predict_probabilities(selflabel.model, images, device=sl_cfg.device)
+                add(
+                    "scan_selflabel",
+                    score(
+                        labels,
+                        probs.argmax(1),
+                        scan_seconds + time.perf_counter() - start,
+                        neighbor_purity=purity,
+                        confident_fraction=selflabel.confident_counts[-1] / len(labels),
+                    ),
+                )
+
+        for method in ("twostage", "iic"):
+            if method in methods:
+                start = time.perf_counter()
+                ts_cfg = options.twostage.model_copy(update={"seed": seed, "num_clusters": k})
+                result = train_twostage(
+                    images,
+                    pre.model.backbone,
+                    ts_cfg,
+                    progress=show,
+                    method=method,
+                    embedding_head=pre.model.head,
+                )
+                probs = predict_probabilities(result.model, images, device=ts_cfg.device)
+                add(
+                    method,
+                    score(labels, probs.argmax(1), pre.seconds + time.perf_counter() - start),
+                )
+
+        if "scan_overcluster" in methods:
+            start = time.perf_counter()
+            over = options.overcluster or 2 * k
+            scan_cfg = config.scan.model_copy(update={"seed": seed, "num_clusters": over})
+            scan = train_scan(images, pre.mined.I, pre.model.backbone, scan_cfg, progress=show)
+            pred = predict_probabilities(scan.model, images, device=scan_cfg.device).argmax(1)
+            trial = score(labels, pred, base + time.perf_counter() - start, num_clusters=over)
+            hungarian = trial.acc
+            trial.acc = many_to_one_accuracy(labels, pred)
+            trial.extra["hungarian_acc"] = hungarian
+            add("scan_overcluster", trial)
+
+        if "auto_k" in methods:
+            start = time.perf_counter()
+            count_cfg = options.cluster_count.model_copy(update={"seed": seed})
+            choice = choose_num_clusters(pre.features, pre.mined.I, count_cfg)
+            print(f"  auto_k seed {seed}: {choice.explanation}", flush=True)
+            scan_cfg = config.scan.model_copy(
+                update={"seed": seed, "num_clusters": choice.chosen_k}
+            )
+            scan = train_scan(images, pre.mined.I, pre.model.backbone, scan_cfg, progress=show)
+            pred = predict_probabilities(scan.model, images, device=scan_cfg.device).argmax(1)
+            trial = score(
+                labels, pred, base + time.perf_counter() - start, chosen_k=choice.chosen_k
+            )
+            trial.extra["many_to_one_acc"] = many_to_one_accuracy(labels, pred)
+            add("auto_k", trial)
+            AUTO_K_CURVES.append(
+                {
+                    "seed": seed,
+                    "ks": choice.ks,
+                    "criterion": choice.criterion,
+                    "chosen_k": choice.chosen_k,
+                    "explanation": choice.explanation,
+                    "curves": choice.criteria,
+                }
+            )
+        checkpoint()
+
+
+#: The label-free criterion curves of ``auto_k`` runs (written beside the rows).
+AUTO_K_CURVES: list[dict[str, Any]] = []
+
+
+def summarise(
+    method: str,
+    runs: list[Trial],
+    n_images: int,
+    seeds: list[int],
+    device: str,
+    run: dict[str, Any],
+) -> dict[str, Any]:
+    def mean_std(values: list[float]) -> tuple[float, float]:
+        return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+    row: dict[str, Any] = {"method": method, "dataset": DATASET, "n_images": n_images}
+    for metric in ("acc", "nmi", "ari"):
+        mean, std = mean_std([getattr(r, metric) for r in runs])
+        row[metric], row[f"{metric}_std"] = round(mean, 4), round(std, 4)
+    row["seconds"] = round(statistics.fmean(r.seconds for r in runs), 1)
+    row["seeds"] = seeds[: len(runs)]
+    for key in runs[0].extra:
+        values = [r.extra[key] for r in runs]
+        row[key] = (
+            values[0]
+            if key in ("chosen_k", "num_clusters") and len(set(values)) == 1
+            else round(statistics.fmean(values), 4)
+        )
+        if key == "chosen_k":
+            row["chosen_ks"] = [int(v) for v in values]
+    row["device"] = device
+    row["run"] = run
+    return row
+
+
+def write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
+    runs: list[dict[str, Any]] = []
+    for r in rows:
+        if r["run"] not in runs:
+            runs.append(r["run"])
+    lines = [
+        "# Clustering quality on Fashion-MNIST",
+        "",
+        "| method | ACC | NMI | ARI | seconds | seeds | run | notes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        notes = []
+        if "neighbor_purity" in r:
+            notes.append(f"neighbour purity@{r['run']['k']} {r['neighbor_purity']:.3f}")
+        if "confident_fraction" in r:
+            notes.append(f"confident {r['confident_fraction']:.1%}")
+        if r["method"] == "scan_overcluster":
+            notes.append(
+                f"k={r['num_clusters']}, ACC many-to-one; Hungarian {r['hungarian_acc']:.4f}"
+            )
+        if "chosen_k" in r:
+            notes.append(f"chose k={r['chosen_ks']}; many-to-one ACC {r['many_to_one_acc']:.4f}")
+        lines.append(
+            f"| {r['method']} | {r['acc']:.4f} ± {r['acc_std']:.4f} | {r['nmi']:.4f} ± "
+            f"{r['nmi_std']:.4f} | {r['ari']:.4f} ± {r['ari_std']:.4f} | {r['seconds']:.0f} | "
+            f"{len(r['seeds'])} | {runs.index(r['run']) + 1} | {'; '.join(notes)} |"
+        )
+    lines += [
+        "",
+        "`seconds`: wall time from raw pixels to that method's clustering (a row includes the "
+        "stages it builds on: pretext training, embedding, neighbour mining), mean over seeds. "
+        "`±`: standard deviation over seeds.",
+        "",
+    ]
+    for number, run in enumerate(runs, 1):
+        lines += [
+            f"## Run {number}: {', '.join(run['methods'])}",
+            "",
+            f"{run['n_images']:,} images (train + test), {run['clusters']} clusters, device "
+            f"`{run['device']}` ({run['cpu']}, {run['threads']} torch threads), seeds "
+            f"{run['seeds']}; wall time of the whole run {run['total_seconds'] / 60:.1f} min"
+            + (
+                f" + {run['pretext_train_seconds'] / 60:.1f} min of pretext training in the "
+                f"earlier run that saved the model = "
+                f"{(run['total_seconds'] + run['pretext_train_seconds']) / 60:.1f} min"
+                if run.get("pretext_reused")
+                else ""
+            )
+            + f" ({run['date']}). Reproduce: `{run['command']}`.",
+            "",
+            "One pretext model per seed."
+            if run["pretext_per_seed"]
+            else "One pretext model (seed 0) is shared; the seeds vary K-means, SCAN, "
+            "self-labeling and the other methods, so the std does not include pretext variance."
+            + (
+                " The pretext model was reused from an earlier run of this benchmark with the "
+                "same settings; its measured training time is counted in `seconds`."
+                if run.get("pretext_reused")
+                else ""
+            ),
+            "",
+            "Settings (official values scaled to the CPU budget; everything else as in "
+            "`scan_core.config`):",
+            "",
+            "```json",
+            json.dumps(run["config"], indent=1, sort_keys=True),
+            "```",
+            "",
+        ]
+    if AUTO_K_CURVES or path.with_name("quality_auto_k.json").exists():
+        lines += ["Label-free criterion curves of `auto_k`: `quality_auto_k.json`.", ""]
+    lines += [
+        "## Published numbers (ACC / NMI / ARI)",
+        "",
+        "| method | ACC / NMI / ARI | source |",
+        "|---|---|---|",
+        *[f"| {m} | {v} | {s} |" for m, v, s in PUBLISHED],
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got '{item}'")
+        out[key] = json.loads(value) if value[:1] in '0123456789-[{tf"' else value
+    return out
+
+
+def split_local(settings: dict[str, Any], section: str) -> dict[str, Any]:
+    """Pop the ``section.key`` settings that configure a bench-local model (not the pipeline)."""
+    return {
+        key.split(".", 1)[1]: settings.pop(key)
+        for key in [k for k in settings if k.startswith(section + ".")]
+    }
+
+
+def parse_methods(text: str) -> set[str]:
+    methods = set()
+    for name in filter(None, (m.strip() for m in text.split(","))):
+        if name == "table1":
+            methods |= set(TABLE1)
+        elif name in TABLE1 or name in EXTRA:
+            methods.add(name)
+        else:
+            raise SystemExit(
+                f"unknown method '{name}': choose from table1, {', '.join(TABLE1 + EXTRA)}"
+            )
+    return methods
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke test on 2,000 images")
+    parser.add_argument(
+        "--methods",
+        default="table1",
+        help="comma-separated: table1 (= " + ",".join(TABLE1) + ") and/or " + ",".join(EXTRA),
+    )
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--images", type=int, default=None, help="use the first N images")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--rotnet", action="store_true", help="add rotnet_scan_selflabel")
+    parser.add_argument("--pretext-per-seed", action="store_true")
+    parser.add_argument(
+        "--reuse-pretext",
+        action="store_true",
+        help="load the pretext model an earlier run saved (same settings)",
+    )
+    parser.add_argument(
+        "--overcluster",
+        type=int,
+        default=0,
+        help="clusters of scan_overcluster (default 2x the classes)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. scan.epochs=5",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    methods = parse_methods(args.methods)
+
+    settings = dict(QUICK_SETTINGS if args.quick else FULL_SETTINGS)
+    settings.update(parse_overrides(args.overrides))
+    shown = dict(settings)
+    args.twostage = TwoStageConfig(**{"device": args.device, **split_local(settings, "twostage")})
+    args.cluster_count = ClusterCountConfig(**split_local(settings, "cluster_count"))
+    for stage in ("pretext", "scan", "selflabel"):
+        settings[f"{stage}.device"] = args.device
+    config = PipelineConfig().with_overrides(settings)
+    device = resolve_device(args.device)
+    seeds = list(range(1 if args.quick else args.seeds))
+    n_images = args.images or (2000 if args.quick else None)
+
+    started = time.perf_counter()
+    x, y = load_fashion_mnist("all")
+    if n_images:
+        x, y = x[:n_images], y[:n_images]
+    images = torch.from_numpy(np.ascontiguousarray(x[:, None]))
+    k = config.scan.num_clusters
+    device_name = device if device == "cpu" else torch.cuda.get_device_name()
+    suffix = "_quick" if args.quick else ""
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = args.out / f"quality{suffix}.json", args.out / f"quality{suffix}.md"
+    curves_path = args.out / f"quality{suffix}_auto_k.json"
+    previous = json.loads(json_path.read_text()) if json_path.exists() else []
+    trials: dict[str, list[Trial]] = defaultdict(list)
+    run = {
+        "methods": sorted(methods, key=(TABLE1 + EXTRA).index),
+        "n_images": len(y),
+        "clusters": k,
+        "device": device_name,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "seeds": seeds,
+        "k": config.neighbors.k,
+        "pretext_per_seed": args.pretext_per_seed,
+        "pretext_reused": False,
+        "config": shown,
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "uv run python bench/quality.py " + " ".join(argv or sys.argv[1:]),
+        "total_seconds": 0.0,
+    }
+
+    args.run = run
+
+    def checkpoint() -> None:
+        """Write the rows measured so far (with the kept rows of other methods)."""
+        run["total_seconds"] = time.perf_counter() - started
+        rows = [summarise(m, r, len(y), seeds, device_name, run) for m, r in trials.items() if r]
+        done = {r["method"] for r in rows}
+        kept = [r for r in previous if r["method"] not in done]
+        order = TABLE1 + EXTRA
+        merged = sorted(
+            kept + rows,
+            key=lambda r: (
+                order.index(r["method"]) if r["method"] in order else len(order),
+                r["method"],
+            ),
+        )
+        json_path.write_text(json.dumps(merged, indent=1) + "\n")
+        if AUTO_K_CURVES:
+            curves_path.write_text(json.dumps(AUTO_K_CURVES, indent=1) + "\n")
+        write_markdown(merged, md_path)
+
+    if "kmeans_raw" in methods:
+        pixels = x.reshape(len(x), -1).astype(np.float32) / 255.0
+        for seed in seeds:
+            start = time.perf_counter()
+            pred = kmeans(pixels, k, n_init=3, seed=seed)
+            trials["kmeans_raw"].append(score(y, pred, time.perf_counter() - start))
+            print(f"kmeans_raw seed {seed}: acc {trials['kmeans_raw'][-1].acc:.4f}", flush=True)
+        checkpoint()
+
+    if methods - {"kmeans_raw"}:
+        run_pretext_branch("simclr", images, y, config, seeds, methods, args, trials, checkpoint)
+    if args.rotnet:
+        rot = config.with_overrides({"pretext.method": "rotnet"})
+        rot_methods = methods & {"pretext_kmeans", "scan", "scan_selflabel"}
+        run_pretext_branch("rotnet", images, y, rot, seeds, rot_methods, args, trials, checkpoint)
+    checkpoint()
+    for r in json.loads(json_path.read_text()):
+        print(
+            f"{r['method']:>24}: ACC {r['acc']:.4f} ± {r['acc_std']:.4f}  NMI {r['nmi']:.4f}  "
+            f"ARI {r['ari']:.4f}  {r['seconds']:.0f}s"
+        )
+    print(f"total {(time.perf_counter() - started) / 60:.1f} min -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
