@@ -58,9 +58,12 @@ class PretextConfig(StageConfig):
 
     Official SimCLR settings on CIFAR: 500 epochs, batch 512, SGD lr 0.4, momentum 0.9,
     weight decay 1e-4, cosine schedule to lr * 0.1**3, temperature 0.1, 128-d head.
+    ``method = "superand"`` trains Super-AND (Han et al. 2020) with these settings plus the
+    pipeline's ``superand`` section (:meth:`PipelineConfig.superand_config`); its official
+    values differ: lr 0.03, weight decay 5e-4, batch 128, 1000 epochs in 5 rounds.
     """
 
-    method: Literal["simclr", "rotnet"] = "simclr"
+    method: Literal["simclr", "rotnet", "superand"] = "simclr"
     backbone: BackboneName = "small_cnn"
     feature_dim: int = Field(128, ge=2)
     epochs: int = Field(500, ge=1)
@@ -166,6 +169,124 @@ class DuplicatesConfig(StageConfig):
     near_threshold: float = Field(0.98, gt=0, le=1)
 
 
+ClusteringMethod = Literal["scan", "twostage", "iic", "kmeans"]
+
+
+class ClusteringConfig(StageConfig):
+    """Which method the clustering stage runs (DESIGN.md §1: the methods share the stages).
+
+    Attributes:
+        method: ``scan`` (SCAN, the ``scan`` section; the default), ``twostage`` (Han et al.'s
+            stage 2: IIC + ``L_cp`` with Norm-FC heads on the pretext embedding) or ``iic`` (IIC
+            alone; both take the ``twostage`` section), or ``kmeans`` (K-means on the pretext
+            embeddings, the ``kmeans`` section). Self-labeling (SCAN step 4) follows ``scan``
+            only. Every method makes ``scan.num_clusters`` clusters (or the ``--clusters auto``
+            choice).
+    """
+
+    method: ClusteringMethod = "scan"
+
+
+class SuperANDSettings(StageConfig):
+    """The settings of Super-AND that a pretext stage does not have (the pipeline's ``superand``
+    section, used with ``pretext.method = superand``; :class:`SuperANDConfig` adds the pretext
+    settings: backbone, epochs, batch size, optimiser, augmentation, seed, device).
+
+    Official (CIFAR-10): 5 rounds, memory momentum 0.5, 25% more anchors per round with 1
+    neighbour each, ``w(t) = 0.2 * (epoch // 80)`` of 200 epochs per round.
+    """
+
+    rounds: int = Field(5, ge=1)
+    memory_momentum: float = Field(0.5, ge=0, lt=1)
+    anchor_rate: float = Field(0.25, gt=0, le=1)
+    neighbourhood_size: int = Field(1, ge=1)
+    ue_weight: float = Field(0.2, ge=0)
+    ue_warmup_fraction: float = Field(0.4, gt=0, le=1)
+
+
+class TwoStageSettings(StageConfig):
+    """The settings of two-stage / IIC class assignment but the number of clusters (the
+    pipeline's ``twostage`` section; the pipeline's number of clusters is ``scan.num_clusters``
+    or the ``--clusters auto`` choice). See :class:`TwoStageConfig` for the official values.
+    """
+
+    num_heads: int = Field(5, ge=1)
+    overcluster: int = Field(0, ge=0)
+    epochs: int = Field(300, ge=1)
+    batch_size: int = Field(128, ge=2)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    feature_dim: int = Field(128, ge=2)
+    head_temperature: float = Field(0.1, gt=0)
+    head_norm_axis: Literal["cluster", "feature"] = "feature"
+    freeze_heads: bool = True
+    cp_weight: float = Field(1.0, ge=0)
+    cp_temperature: float = Field(0.1, gt=0)
+    crop_scale_min: float = Field(0.2, gt=0, le=1)
+    color_jitter: float = Field(0.4, ge=0, le=1)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    seed: int = 0
+    device: Device = "auto"
+    precision: Precision = "auto"
+
+
+class KMeansConfig(StageConfig):
+    """K-means on the pretext embeddings as the clustering method (the SCAN paper's "pretext +
+    K-means" baseline; :mod:`scan_core.kmeans`).
+
+    Attributes:
+        n_init: k-means++ restarts (the lowest inertia is kept); 3, as the evaluate stage's
+            ``kmeans_acc`` baseline, so both give the same clustering.
+        max_iter: Lloyd iterations per restart.
+        temperature: Softmax temperature of the cluster probabilities
+            ``softmax(-|z - c|^2 / temperature)``; it sets the confidences only, never which
+            centroid is nearest.
+        seed: Random state of the restarts.
+    """
+
+    n_init: int = Field(3, ge=1)
+    max_iter: int = Field(300, ge=1)
+    temperature: float = Field(0.1, gt=0)
+    seed: int = 0
+
+
+class ClusterCountConfig(StageConfig):
+    """Choosing k without labels (``--clusters auto``; :mod:`scan_core.model_selection`).
+
+    Every k in ``k_min .. k_max`` gets ``num_heads`` linear SCAN heads trained from different
+    random starts on the frozen pretext features and their neighbours; ``criterion`` picks k
+    from the label-free scores (``stability_1se``: the smallest k whose heads agree, in mean
+    pairwise ARI, within one standard error of the most stable k).
+    """
+
+    k_min: int = Field(2, ge=2)
+    k_max: int = Field(20, ge=2)
+    criterion: Literal[
+        "stability_1se",
+        "stability",
+        "scan_loss",
+        "consistency",
+        "neighbour_agreement",
+        "assignment_entropy",
+        "eigengap",
+    ] = "stability_1se"
+    num_heads: int = Field(8, ge=2)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(512, ge=2)
+    lr: float = Field(1e-2, gt=0)
+    entropy_weight: float = Field(5.0, ge=0)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_range(self) -> ClusterCountConfig:
+        if self.k_max < self.k_min:
+            raise ValueError(f"k_max ({self.k_max}) must be at least k_min ({self.k_min})")
+        return self
+
+
 class PipelineConfig(StageConfig):
     """The whole pipeline's science settings, one section per stage."""
 
@@ -176,12 +297,54 @@ class PipelineConfig(StageConfig):
     selflabel: SelfLabelConfig = SelfLabelConfig()
     growth: GrowthConfig = GrowthConfig()
     duplicates: DuplicatesConfig = DuplicatesConfig()
+    clustering: ClusteringConfig = ClusteringConfig()
+    superand: SuperANDSettings = SuperANDSettings()
+    twostage: TwoStageSettings = TwoStageSettings()
+    kmeans: KMeansConfig = KMeansConfig()
+    cluster_count: ClusterCountConfig = ClusterCountConfig()
 
     @model_validator(mode="after")
     def _check_consistency(self) -> PipelineConfig:
         if self.pretext.backbone == "small_cnn" and self.image.size < 16:
             raise ValueError("image.size must be at least 16 for the small_cnn backbone")
         return self
+
+    @model_validator(mode="after")
+    def _check_methods(self) -> PipelineConfig:
+        if self.pretext.method == "superand":
+            rounds = self.superand.rounds
+            if self.pretext.epochs < rounds:
+                raise ValueError(
+                    f"pretext.epochs ({self.pretext.epochs}) must be at least superand.rounds "
+                    f"({rounds}) for pretext.method superand (epochs count all rounds)"
+                )
+            if self.superand.anchor_rate * (rounds - 1) > 1:
+                raise ValueError(
+                    "superand.anchor_rate * (superand.rounds - 1) exceeds 1 (more anchors than "
+                    "images): lower one of them"
+                )
+        overcluster = self.twostage.overcluster
+        if self.clustering.method in ("twostage", "iic") and 0 < overcluster <= (
+            self.scan.num_clusters
+        ):
+            raise ValueError(
+                f"twostage.overcluster ({overcluster}) must exceed scan.num_clusters "
+                f"({self.scan.num_clusters}), or be 0 for none"
+            )
+        return self
+
+    def superand_config(self) -> SuperANDConfig:
+        """The Super-AND settings of ``pretext.method = superand``: the ``pretext`` section's
+        (backbone, epochs, batch size, lr, momentum, weight decay, temperature, augmentation,
+        seed, device, precision) with the ``superand`` section's."""
+        shared = self.pretext.model_dump(exclude={"method"})
+        return SuperANDConfig.model_validate({**shared, **self.superand.model_dump()})
+
+    def twostage_config(self, num_clusters: int | None = None) -> TwoStageConfig:
+        """The ``twostage`` section for ``num_clusters`` clusters (default
+        ``scan.num_clusters``)."""
+        k = self.scan.num_clusters if num_clusters is None else num_clusters
+        return TwoStageConfig.model_validate({**self.twostage.model_dump(), "num_clusters": k})
 
     def with_overrides(self, overrides: dict[str, Any]) -> PipelineConfig:
         """Return a copy with dotted-key overrides applied, e.g. ``{"scan.epochs": 5}``."""
@@ -226,30 +389,26 @@ def resolve_device(device: str) -> str:
     return device
 
 
-class SuperANDConfig(StageConfig):
+class SuperANDConfig(SuperANDSettings):
     """Super-AND embedding learning (stage 1 of Han et al. 2020; :mod:`scan_core.superand`).
 
     Official settings (CIFAR-10, ``super_and.py``): 5 rounds of 200 epochs, batch 128, SGD
     Nesterov lr 0.03, momentum 0.9, weight decay 5e-4, memory temperature 0.1 and momentum 0.5,
     25% more anchors per round with 1 neighbour each, ``w(t) = 0.2 * (epoch // 80)``.
     ``epochs`` counts all rounds together (``epochs // rounds`` per round); the lr steps and
-    ``w(t)`` are scaled to the round length (``ue_warmup_fraction`` = 80 / 200).
+    ``w(t)`` are scaled to the round length (``ue_warmup_fraction`` = 80 / 200). The settings
+    only Super-AND has (rounds, memory, anchors, UE weight) come from :class:`SuperANDSettings`;
+    the others are those a pretext stage has (:meth:`PipelineConfig.superand_config`).
     """
 
     backbone: BackboneName = "small_cnn"
     feature_dim: int = Field(128, ge=2)
     epochs: int = Field(1000, ge=1)
-    rounds: int = Field(5, ge=1)
     batch_size: int = Field(128, ge=2)
     lr: float = Field(0.03, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     temperature: float = Field(0.1, gt=0)
-    memory_momentum: float = Field(0.5, ge=0, lt=1)
-    anchor_rate: float = Field(0.25, gt=0, le=1)
-    neighbourhood_size: int = Field(1, ge=1)
-    ue_weight: float = Field(0.2, ge=0)
-    ue_warmup_fraction: float = Field(0.4, gt=0, le=1)
     crop_scale_min: float = Field(0.2, gt=0, le=1)
     color_jitter: float = Field(0.4, ge=0, le=1)
     seed: int = 0
@@ -268,7 +427,7 @@ class SuperANDConfig(StageConfig):
         return self
 
 
-class TwoStageConfig(StageConfig):
+class TwoStageConfig(TwoStageSettings):
     """Class assignment by mutual information (:mod:`scan_core.twostage`): Han et al.'s stage 2
     (``twostage``: IIC + ``cp_weight * L_cp``, Norm-FC heads) or IIC alone (``iic``).
 
@@ -278,30 +437,11 @@ class TwoStageConfig(StageConfig):
     after 5 epochs, see :class:`scan_core.models.NormFCLayer`), ``L_cp`` weight 1.0 and
     temperature 0.1, SGD Nesterov lr 0.01, momentum 0.9, weight decay 5e-4, batch 128,
     300 epochs. IIC (xu-ji/IIC): Adam lr 1e-4, 5 sub-heads, an overclustering head (70 outputs
-    for 10 classes) alternating with the main one.
+    for 10 classes) alternating with the main one. Every setting but ``num_clusters`` comes
+    from :class:`TwoStageSettings`.
     """
 
     num_clusters: int = Field(10, ge=2)
-    num_heads: int = Field(5, ge=1)
-    overcluster: int = Field(0, ge=0)
-    epochs: int = Field(300, ge=1)
-    batch_size: int = Field(128, ge=2)
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = Field(0.01, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    feature_dim: int = Field(128, ge=2)
-    head_temperature: float = Field(0.1, gt=0)
-    head_norm_axis: Literal["cluster", "feature"] = "feature"
-    freeze_heads: bool = True
-    cp_weight: float = Field(1.0, ge=0)
-    cp_temperature: float = Field(0.1, gt=0)
-    crop_scale_min: float = Field(0.2, gt=0, le=1)
-    color_jitter: float = Field(0.4, ge=0, le=1)
-    val_fraction: float = Field(0.1, gt=0, lt=1)
-    seed: int = 0
-    device: Device = "auto"
-    precision: Precision = "auto"
 
     @model_validator(mode="after")
     def _check_overcluster(self) -> TwoStageConfig:
@@ -310,39 +450,4 @@ class TwoStageConfig(StageConfig):
                 f"overcluster ({self.overcluster}) must exceed num_clusters "
                 f"({self.num_clusters}), or be 0 for none"
             )
-        return self
-
-
-class ClusterCountConfig(StageConfig):
-    """Choosing k without labels (``--clusters auto``; :mod:`scan_core.model_selection`).
-
-    Every k in ``k_min .. k_max`` gets ``num_heads`` linear SCAN heads trained from different
-    random starts on the frozen pretext features and their neighbours; ``criterion`` picks k
-    from the label-free scores (``stability_1se``: the smallest k whose heads agree, in mean
-    pairwise ARI, within one standard error of the most stable k).
-    """
-
-    k_min: int = Field(2, ge=2)
-    k_max: int = Field(20, ge=2)
-    criterion: Literal[
-        "stability_1se",
-        "stability",
-        "scan_loss",
-        "consistency",
-        "neighbour_agreement",
-        "assignment_entropy",
-        "eigengap",
-    ] = "stability_1se"
-    num_heads: int = Field(8, ge=2)
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(512, ge=2)
-    lr: float = Field(1e-2, gt=0)
-    entropy_weight: float = Field(5.0, ge=0)
-    val_fraction: float = Field(0.1, gt=0, lt=1)
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _check_range(self) -> ClusterCountConfig:
-        if self.k_max < self.k_min:
-            raise ValueError(f"k_max ({self.k_max}) must be at least k_min ({self.k_min})")
         return self
