@@ -92,8 +92,9 @@ def plot_confusion_matrix(
         raise ValueError(f"got {len(class_names)} class names for {n_rows} rows")
     if cluster_ids is not None and len(cluster_ids) != n_cols:
         raise ValueError(f"got {len(cluster_ids)} cluster ids for {n_cols} columns")
-    fig = _new_figure(float(np.clip(2.5 + 0.45 * n_cols, 5, 16)),
-                      float(np.clip(1.5 + 0.4 * n_rows, 4, 14)))
+    fig = _new_figure(
+        float(np.clip(2.5 + 0.45 * n_cols, 5, 16)), float(np.clip(1.5 + 0.4 * n_rows, 4, 14))
+    )
     ax = fig.add_subplot()
     image = ax.imshow(counts, cmap="Blues", aspect="auto", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="images")
@@ -103,13 +104,21 @@ def plot_confusion_matrix(
         ax.set_xticklabels([str(c) for c in labels], fontsize=8, rotation=90 if n_cols > 20 else 0)
     if n_rows <= 60:
         ax.set_yticks(np.arange(n_rows))
-        ax.set_yticklabels(class_names if class_names is not None else
-                           [str(r) for r in range(n_rows)], fontsize=8)
+        ax.set_yticklabels(
+            class_names if class_names is not None else [str(r) for r in range(n_rows)], fontsize=8
+        )
     if n_rows <= MAX_ANNOTATED and n_cols <= MAX_ANNOTATED:
         threshold = counts.max() / 2
         for (r, c), value in np.ndenumerate(counts):
-            ax.text(c, r, f"{value:.0f}", ha="center", va="center", fontsize=7,
-                    color="white" if value > threshold else "black")
+            ax.text(
+                c,
+                r,
+                f"{value:.0f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if value > threshold else "black",
+            )
     ax.set_xlabel("cluster")
     ax.set_ylabel("class")
     ax.set_title(title)
@@ -148,8 +157,7 @@ def _as_images(images: np.ndarray) -> np.ndarray:
     imgs = np.asarray(images)
     if imgs.dtype != np.uint8 or imgs.ndim != 4 or imgs.shape[1] not in (1, 3):
         raise ValueError(
-            "images must be uint8 (N, C, H, W) with C = 1 or 3, got "
-            f"{imgs.dtype} {imgs.shape}"
+            f"images must be uint8 (N, C, H, W) with C = 1 or 3, got {imgs.dtype} {imgs.shape}"
         )
     return imgs
 
@@ -177,8 +185,9 @@ def prototype_mosaic(
     imgs = _as_images(images)
     _, _, h, w = imgs.shape
     rows = len(cluster_ids)
-    mosaic = np.full((rows * (h + PAD) + PAD, per_cluster * (w + PAD) + PAD, 3), PAD_VALUE,
-                     dtype=np.uint8)
+    mosaic = np.full(
+        (rows * (h + PAD) + PAD, per_cluster * (w + PAD) + PAD, 3), PAD_VALUE, dtype=np.uint8
+    )
     for r, cluster in enumerate(cluster_ids):
         chosen = selection.get(int(cluster), np.empty(0, dtype=np.int64))[:per_cluster]
         for j in range(per_cluster):
@@ -231,14 +240,14 @@ def plot_prototype_grid(
     if cluster_ids is None:
         ids = largest_clusters(sizes, MAX_PROTOTYPE_ROWS)
         if ids.size < num_clusters:
-            logger.info("prototype grid: showing the %d largest of %d clusters", ids.size,
-                        num_clusters)
+            logger.info(
+                "prototype grid: showing the %d largest of %d clusters", ids.size, num_clusters
+            )
     else:
         ids = np.asarray(cluster_ids, dtype=np.int64)
         if ids.ndim != 1 or not 1 <= ids.size <= MAX_PROTOTYPE_ROWS:
             raise ValueError(
-                f"cluster_ids must list between 1 and {MAX_PROTOTYPE_ROWS} clusters, "
-                f"got {ids.size}"
+                f"cluster_ids must list between 1 and {MAX_PROTOTYPE_ROWS} clusters, got {ids.size}"
             )
         if ids.min() < 0 or ids.max() >= num_clusters:
             raise ValueError(f"cluster_ids must be in [0, {num_clusters - 1}]")
@@ -252,8 +261,9 @@ def plot_prototype_grid(
     ax.set_yticks(PAD + np.arange(len(ids)) * (h + PAD) + h / 2)
     ax.set_yticklabels([f"{c} (n={sizes[c]})" for c in ids], fontsize=8)
     ax.set_xticks([])
-    ax.set_title(f"Most confident images per cluster ({len(ids)} of {num_clusters} clusters)",
-                 fontsize=10)
+    ax.set_title(
+        f"Most confident images per cluster ({len(ids)} of {num_clusters} clusters)", fontsize=10
+    )
     return _to_png(fig)
 
 
@@ -271,8 +281,13 @@ def plot_cluster_sizes(sizes: np.ndarray, title: str = "Cluster sizes") -> bytes
     fig = _new_figure(float(np.clip(3 + 0.15 * k, 6, 16)), 4)
     ax = fig.add_subplot()
     ax.bar(np.arange(k), counts, color="tab:blue", width=0.8)
-    ax.axhline(counts.mean(), color="tab:red", linestyle="--", linewidth=1,
-               label=f"uniform ({counts.mean():.1f})")
+    ax.axhline(
+        counts.mean(),
+        color="tab:red",
+        linestyle="--",
+        linewidth=1,
+        label=f"uniform ({counts.mean():.1f})",
+    )
     ax.set_xlabel("cluster")
     ax.set_ylabel("images")
     ax.set_title(f"{title} (empty: {int((counts == 0).sum())} of {k})")
@@ -354,20 +369,35 @@ def plot_embedding_map(
         method: ``"pca"`` (default, exact and fast) or ``"tsne"``.
     """
     n_total = np.asarray(embeddings).shape[0]
-    coords, ids = embedding_coordinates(embeddings, clusters, max_points=max_points, seed=seed,
-                                        method=method)
+    coords, ids = embedding_coordinates(
+        embeddings, clusters, max_points=max_points, seed=seed, method=method
+    )
     present = np.unique(ids)
     fig = _new_figure(7, 6)
     ax = fig.add_subplot()
     palette = "tab10" if present.size <= 10 else "tab20" if present.size <= 20 else "turbo"
     cmap = colormaps[palette].resampled(max(present.size, 2))
     colour_index = np.searchsorted(present, ids)
-    scatter = ax.scatter(coords[:, 0], coords[:, 1], c=colour_index, cmap=cmap, s=6,
-                         vmin=-0.5, vmax=max(present.size - 0.5, 0.5), linewidths=0)
+    scatter = ax.scatter(
+        coords[:, 0],
+        coords[:, 1],
+        c=colour_index,
+        cmap=cmap,
+        s=6,
+        vmin=-0.5,
+        vmax=max(present.size - 0.5, 0.5),
+        linewidths=0,
+    )
     if present.size <= 20:
         handles, _ = scatter.legend_elements(num=list(range(present.size)))
-        ax.legend(handles, [str(c) for c in present], title="cluster", fontsize=7,
-                  loc="center left", bbox_to_anchor=(1.0, 0.5))
+        ax.legend(
+            handles,
+            [str(c) for c in present],
+            title="cluster",
+            fontsize=7,
+            loc="center left",
+            bbox_to_anchor=(1.0, 0.5),
+        )
     ax.set_title(f"{method.upper()} map of {len(ids)} of {n_total} embeddings")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -397,8 +427,12 @@ def plot_confidence_histogram(
     ax.hist(values, bins=bins, range=(0.0, 1.0), color="tab:blue", edgecolor="white")
     if threshold is not None:
         share = float((values > threshold).mean())
-        ax.axvline(threshold, color="tab:red", linestyle="--",
-                   label=f"threshold {threshold:g}: {share:.1%} above")
+        ax.axvline(
+            threshold,
+            color="tab:red",
+            linestyle="--",
+            label=f"threshold {threshold:g}: {share:.1%} above",
+        )
         ax.legend(loc="upper left", fontsize=8)
     ax.set_xlim(0, 1)
     ax.set_xlabel("confidence (max probability)")
@@ -436,8 +470,14 @@ def plot_curve(
             raise ValueError(f"mark={mark} is not one of the xs")
         mx, my = x[hits[0]], y[hits[0]]
         ax.plot([mx], [my], marker="*", markersize=14, color="tab:red", linestyle="none")
-        ax.annotate(f"{mx:g}: {my:.4g}", (mx, my), textcoords="offset points", xytext=(6, 6),
-                    fontsize=8, color="tab:red")
+        ax.annotate(
+            f"{mx:g}: {my:.4g}",
+            (mx, my),
+            textcoords="offset points",
+            xytext=(6, 6),
+            fontsize=8,
+            color="tab:red",
+        )
     if np.all(x == np.round(x)):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.margins(y=0.12)
