@@ -486,3 +486,109 @@ def plot_curve(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     return _to_png(fig)
+
+
+def normalise_curve(values: np.ndarray | list[float]) -> np.ndarray:
+    """Min-max scale a curve to [0, 1] (NaN kept; a flat curve becomes 0.5 everywhere)."""
+    y = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(y)
+    if not finite.any():
+        return y.copy()
+    lo, hi = y[finite].min(), y[finite].max()
+    if hi - lo <= 1e-12:
+        return np.where(finite, 0.5, np.nan)
+    return (y - lo) / (hi - lo)
+
+
+def plot_cluster_count(
+    ks: list[int] | np.ndarray,
+    criteria: dict[str, list[float]],
+    criterion: str,
+    chosen_k: int,
+) -> bytes:
+    """The label-free criteria of choosing k (``--clusters auto``) against k.
+
+    Left: the criterion that chose (for ``stability_1se``, the stability with one standard
+    error above and below each k and a dashed line at the best stability minus its standard
+    error), the chosen k starred in red. Right: every criterion scaled to [0, 1] to compare
+    their shapes, the chosen k as a dashed vertical line.
+
+    Args:
+        ks: Candidate numbers of clusters, ascending.
+        criteria: Criterion name -> one value per k (``stability_se`` is drawn as error bars).
+        criterion: The criterion that chose (``stability_1se`` draws ``stability``).
+        chosen_k: The chosen k, one of ``ks``.
+    """
+    x = _finite_array(np.asarray(ks), "ks", 1)
+    curves = {name: np.asarray(v, dtype=np.float64) for name, v in criteria.items()}
+    for name, values in curves.items():
+        if values.shape != x.shape:
+            raise ValueError(f"criterion {name} has {values.size} values for {x.size} ks")
+    shown = "stability" if criterion == "stability_1se" else criterion
+    if shown not in curves:
+        raise ValueError(f"criterion {shown} is not among the curves {sorted(curves)}")
+    hits = np.flatnonzero(x == chosen_k)
+    if hits.size == 0:
+        raise ValueError(f"chosen_k={chosen_k} is not one of the ks")
+    fig = _new_figure(11, 4)
+    left, right = fig.subplots(1, 2)
+    y = curves[shown]
+    se = curves.get("stability_se") if shown == "stability" else None
+    if se is not None:
+        left.errorbar(
+            x,
+            y,
+            yerr=se,
+            marker="o",
+            markersize=4,
+            color="tab:blue",
+            capsize=3,
+            label=f"{shown} ± 1 SE",
+        )
+        if criterion == "stability_1se" and np.isfinite(y).any():
+            best = int(np.nanargmax(y))
+            floor = y[best] - se[best]
+            left.axhline(
+                floor,
+                color="tab:gray",
+                linestyle="--",
+                linewidth=1,
+                label=f"best - 1 SE ({floor:.3f})",
+            )
+    else:
+        left.plot(x, y, marker="o", markersize=4, color="tab:blue", label=shown)
+    left.plot(
+        [chosen_k],
+        [y[hits[0]]],
+        marker="*",
+        markersize=14,
+        color="tab:red",
+        linestyle="none",
+        label=f"chosen k = {chosen_k}",
+    )
+    left.set_xlabel("number of clusters k")
+    left.set_ylabel(shown.replace("_", " "))
+    rule = "stability, 1-SE rule" if criterion == "stability_1se" else criterion.replace("_", " ")
+    left.set_title(f"Choice by {rule}: k = {chosen_k}")
+    left.legend(loc="best", fontsize=8)
+    colours = colormaps["tab10"]
+    others = [name for name in curves if name != "stability_se"]
+    for i, name in enumerate(others):
+        right.plot(
+            x,
+            normalise_curve(curves[name]),
+            marker="o",
+            markersize=3,
+            color=colours(i % 10),
+            label=name.replace("_", " "),
+        )
+    right.axvline(chosen_k, color="tab:red", linestyle="--", linewidth=1)
+    right.set_ylim(-0.05, 1.05)
+    right.set_xlabel("number of clusters k")
+    right.set_ylabel("scaled to [0, 1]")
+    right.set_title("All label-free criteria")
+    right.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    return _to_png(fig)

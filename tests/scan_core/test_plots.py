@@ -13,7 +13,9 @@ from scan_core.plots import (
     PAD_VALUE,
     embedding_coordinates,
     largest_clusters,
+    normalise_curve,
     pca_2d,
+    plot_cluster_count,
     plot_cluster_sizes,
     plot_confidence_histogram,
     plot_confusion_matrix,
@@ -212,3 +214,30 @@ def test_curve_plot() -> None:
         plot_curve(xs, ys, "clusters", "score", "criterion", mark=7)
     with pytest.raises(ValueError, match="same length"):
         plot_curve(xs, ys[:3], "clusters", "score", "criterion")
+
+
+def test_normalise_curve() -> None:
+    np.testing.assert_allclose(normalise_curve([2.0, 4.0, 3.0]), [0.0, 1.0, 0.5])
+    np.testing.assert_allclose(normalise_curve([1.0, 1.0]), [0.5, 0.5])
+    scaled = normalise_curve([np.nan, 1.0, 3.0])
+    assert np.isnan(scaled[0]) and scaled[1:].tolist() == [0.0, 1.0]
+
+
+def test_cluster_count_plot() -> None:
+    ks = [2, 3, 4, 5]
+    criteria = {
+        "scan_loss": [-0.5, -0.9, -1.1, -1.2],
+        "stability": [0.6, 0.9, 0.88, 0.7],
+        "stability_se": [0.05, 0.02, 0.03, 0.1],
+        "eigengap": [0.1, 0.3, 0.05, 0.02],
+    }
+    pixels = decode(plot_cluster_count(ks, criteria, "stability_1se", 3))
+    assert pixels.shape == (400, 1100, 4)  # figsize (11, 4) at 100 dpi
+    assert has_colour(pixels, (214, 39, 40), tol=10)  # the red star and line at the chosen k
+    decode(plot_cluster_count(ks, criteria, "eigengap", 3))  # another criterion, no error bars
+    with pytest.raises(ValueError, match="not one of the ks"):
+        plot_cluster_count(ks, criteria, "stability_1se", 7)
+    with pytest.raises(ValueError, match="values for 4 ks"):
+        plot_cluster_count(ks, {**criteria, "eigengap": [0.1]}, "stability", 3)
+    with pytest.raises(ValueError, match="not among the curves"):
+        plot_cluster_count(ks, criteria, "consistency", 3)
