@@ -74,7 +74,11 @@ def _quiet_prefect_tracebacks() -> None:
 
 
 def _run_flow(
-    lake: str, workspace: str, config: dict[str, Any], retrain_pretext: bool = False
+    lake: str,
+    workspace: str,
+    config: dict[str, Any],
+    retrain_pretext: bool = False,
+    clusters: str | None = None,
 ) -> dict[str, Any]:
     from flows.pipeline import scan_pipeline
     from tasks import progress as progress_hub
@@ -94,7 +98,11 @@ def _run_flow(
         progress_hub.add_reporter(reporter)
         try:
             return scan_pipeline(
-                lake=lake, workspace=workspace, config=config, retrain_pretext=retrain_pretext
+                lake=lake,
+                workspace=workspace,
+                config=config,
+                clusters="auto" if clusters == "auto" else None,
+                retrain_pretext=retrain_pretext,
             )
         finally:
             progress_hub.remove_reporter(reporter)
@@ -121,6 +129,7 @@ def _report(result: dict[str, Any], settings: MachineSettings, seconds: float) -
     for cluster, size in zip(result["cluster_ids"], result["cluster_sizes"], strict=True):
         sizes.add_row(str(cluster), str(size))
     console.print(sizes)
+    console.print(_clustering_table(result))
     pretext, growth, lineage = result["pretext"], result["growth"], result["lineage"]
     console.print(f"Backbone {pretext['key'][:12]}: {pretext['reason']}.", soft_wrap=True)
     console.print(f"{growth['start'].capitalize()} start: {growth['reason']}.", soft_wrap=True)
@@ -148,6 +157,31 @@ def _report(result: dict[str, Any], settings: MachineSettings, seconds: float) -
     )
 
 
+def _clustering_table(result: dict[str, Any]) -> Table:
+    """Methods and the number of clusters, with the reason when ``--clusters auto`` chose it,
+    and the stages a method skips."""
+    info = result["clustering"]
+    table = Table(title="Clustering")
+    table.add_column("setting")
+    table.add_column("value", overflow="fold")
+    table.add_row("pretext.method", info["pretext_method"])
+    table.add_row("clustering.method", info["method"])
+    auto = info.get("auto")
+    if auto is None:
+        table.add_row("clusters", f"{info['num_clusters']} (requested)")
+    else:
+        table.add_row(
+            "clusters",
+            f"{info['num_clusters']}, chosen by --clusters auto from k = {auto['ks'][0]}.."
+            f"{auto['ks'][-1]} ({auto['criterion']})",
+        )
+        table.add_row("why", escape(str(auto["explanation"])))
+        table.add_row("curves", escape(str(auto["plot"])))
+    for stage, reason in result.get("skipped", {}).items():
+        table.add_row(f"{stage} skipped", escape(reason))
+    return table
+
+
 def _sentence(exc: BaseException) -> str:
     """The message of ``exc`` on one line, safe to print with rich markup."""
     return escape(" ".join(str(exc).split()))
@@ -165,7 +199,11 @@ def run(
     lake: Annotated[str, typer.Option(help="Lake URL: a folder or s3://bucket/prefix.")],
     workspace: Annotated[str, typer.Option(help="Workspace URL for artifacts and caches.")],
     clusters: Annotated[
-        int | None, typer.Option(help="Number of clusters (scan.num_clusters).")
+        str | None,
+        typer.Option(
+            help="Number of clusters (scan.num_clusters), or 'auto' to choose it without labels "
+            "in cluster_count.k_min..k_max.",
+        ),
     ] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key=value.")] = None,
@@ -181,15 +219,23 @@ def run(
 ) -> None:
     """Run the pipeline on LAKE, caching stages under WORKSPACE."""
     try:
-        from tasks.config import build_config, parse_overrides
+        from tasks.config import build_config, parse_clusters, parse_overrides
 
-        cfg = build_config(config, parse_overrides(set_ or []), clusters)
+        wanted = parse_clusters(clusters)
+        number = None if wanted == "auto" else wanted
+        cfg = build_config(config, parse_overrides(set_ or []), number)
         settings = MachineSettings()
         Storage(lake, settings).check_reachable()  # fail fast, before Prefect starts
         Storage(workspace, settings).check_reachable(create=True)
         prepare_environment(settings)
         start = time.perf_counter()
-        result = _run_flow(lake, workspace, cfg.model_dump(mode="json"), retrain_pretext)
+        result = _run_flow(
+            lake,
+            workspace,
+            cfg.model_dump(mode="json"),
+            retrain_pretext,
+            "auto" if wanted == "auto" else None,
+        )
         seconds = time.perf_counter() - start
     except ScanLakeError as exc:
         _fail(exc)

@@ -1,5 +1,12 @@
 """The ``scan_pipeline`` flow: lake -> catalog -> pretext -> embed -> mine_neighbors (-> duplicates)
--> scan -> selflabel -> assign -> evaluate, each a cached task keyed by its content fingerprint.
+(-> choose_k) -> scan -> selflabel -> assign -> evaluate, each a cached task keyed by its content
+fingerprint.
+
+``pretext.method`` (simclr, rotnet, superand) picks what the pretext stage trains and
+``clustering.method`` (scan, twostage, iic, kmeans) what the clustering stage (named ``scan``)
+trains; self-labeling is SCAN's step 4 and runs for ``scan`` only (skipped, and recorded as
+skipped, otherwise). ``clusters="auto"`` chooses the number of clusters after neighbour mining
+(the cached ``choose_k`` stage) and explains the choice in the summary.
 
 The flow only composes: it scans the lake (always), validates the request, plans what a growing
 lake builds on (the pretext backbone, a warm start, the run whose cluster ids to keep; DESIGN.md §2
@@ -11,17 +18,18 @@ summary.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from scan_core.config import PipelineConfig
 from tasks import keys, tracking
 from tasks.assign import assign
 from tasks.catalog import catalog
-from tasks.clustering import scan
+from tasks.choose_k import choose_k
+from tasks.clustering import clustering_key, scan, stage_config
 from tasks.config import as_config
 from tasks.duplicates import duplicates
 from tasks.embed import embed
@@ -39,7 +47,7 @@ from tasks.history import (
 )
 from tasks.lake import LakeSnapshot, scan_lake
 from tasks.neighbors import neighbors
-from tasks.pretext import PretextPlan, plan_pretext, pretext
+from tasks.pretext import PretextPlan, plan_pretext, pretext, pretext_stage_config
 from tasks.selflabel import selflabel
 from tasks.settings import MachineSettings
 from tasks.stage import StageOutput, StageRequest, result_storage_for
@@ -54,6 +62,7 @@ STAGES = (
     "embed",
     "mine_neighbors",
     "duplicates",
+    "choose_k",
     "scan",
     "selflabel",
     "assign",
@@ -74,11 +83,14 @@ class StageRecord(BaseModel):
     summary: dict[str, Any]
 
 
-def validate_request(config: PipelineConfig, snapshot: LakeSnapshot) -> None:
+def validate_request(
+    config: PipelineConfig, snapshot: LakeSnapshot, auto_clusters: bool = False
+) -> None:
     """Refuse requests that cannot train, before any training starts.
 
     Raises:
-        ScanLakeError: too few images for the clusters or the neighbours asked for.
+        ScanLakeError: too few images for the clusters (with ``auto_clusters``: for the largest
+            k tried) or the neighbours asked for.
     """
     n = snapshot.num_unique
     if n < 2:
@@ -86,7 +98,13 @@ def validate_request(config: PipelineConfig, snapshot: LakeSnapshot) -> None:
             f"The lake has only {n} usable unique image: add images (SCAN needs at least "
             "two, and more than the number of clusters)."
         )
-    if config.scan.num_clusters > n:
+    if auto_clusters and config.cluster_count.k_max >= n:
+        raise ScanLakeError(
+            f"The lake has {n} unique usable images, too few to try up to "
+            f"cluster_count.k_max = {config.cluster_count.k_max} clusters: lower it with "
+            "--set cluster_count.k_max=... or add images."
+        )
+    if not auto_clusters and config.scan.num_clusters > n:
         raise ScanLakeError(
             f"The lake has {n} unique usable images, fewer than the {config.scan.num_clusters} "
             "clusters asked for: lower --clusters or add images."
@@ -185,6 +203,54 @@ def growth_markdown(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+METHOD_NAMES = {
+    "scan": "SCAN",
+    "twostage": "two-stage (Han et al. 2020: IIC + consistency-preserving loss, Norm-FC heads)",
+    "iic": "IIC",
+    "kmeans": "K-means on the pretext embeddings",
+}
+
+
+def overclustering_line(metrics: dict[str, float]) -> str | None:
+    """The many-to-one sentence when there are more clusters than label classes, else None."""
+    clusters, classes = metrics.get("num_clusters"), metrics.get("num_classes")
+    if clusters is None or classes is None or clusters <= classes:
+        return None
+    return (
+        f"Overclustering: {clusters:.0f} clusters for {classes:.0f} label classes. Many-to-one "
+        f"ACC {metrics['many_to_one_acc']:.4f} (every cluster counted as its majority class) "
+        f"beside Hungarian ACC {metrics['acc']:.4f} (one cluster per class, the other "
+        f"{clusters - classes:.0f} clusters counted wrong)."
+    )
+
+
+def clustering_markdown(result: dict[str, Any]) -> list[str]:
+    """The clustering part of the summary: methods, the number of clusters (and why, for
+    ``--clusters auto``), skipped stages, overclustering."""
+    info = result["clustering"]
+    lines = [
+        "## Clustering",
+        "",
+        f"- Pretext: {info['pretext_method']}; clustering: "
+        f"{METHOD_NAMES.get(info['method'], info['method'])}.",
+    ]
+    auto = info.get("auto")
+    if auto is None:
+        lines.append(f"- Clusters: {info['num_clusters']} (requested).")
+    else:
+        lines.append(
+            f"- Clusters: {info['num_clusters']}, chosen automatically (--clusters auto) from "
+            f"k = {auto['ks'][0]}..{auto['ks'][-1]} by `{auto['criterion']}`: "
+            f"{auto['explanation']} Curves: `{auto['plot']}` (also in MLflow, stage choose_k)."
+        )
+    for stage, reason in result.get("skipped", {}).items():
+        lines.append(f"- {stage}: skipped ({reason}).")
+    over = overclustering_line(result["metrics"])
+    if over is not None:
+        lines.append(f"- {over}")
+    return lines
+
+
 def summary_markdown(result: dict[str, Any]) -> str:
     """The run's Markdown summary (Prefect artifact)."""
     lines = [
@@ -209,7 +275,7 @@ def summary_markdown(result: dict[str, Any]) -> str:
         f"| {c} | {s} |"
         for c, s in zip(result["cluster_ids"], result["cluster_sizes"], strict=True)
     ]
-    lines += ["", *growth_markdown(result)]
+    lines += ["", *clustering_markdown(result), "", *growth_markdown(result)]
     return "\n".join(lines)
 
 
@@ -218,7 +284,7 @@ def scan_pipeline(
     lake: str,
     workspace: str,
     config: dict[str, Any] | None = None,
-    clusters: int | None = None,
+    clusters: int | Literal["auto"] | None = None,
     retrain_pretext: bool = False,
 ) -> dict[str, Any]:
     """Cluster the images of ``lake`` with SCAN, caching every stage under ``workspace``.
@@ -229,7 +295,8 @@ def scan_pipeline(
         workspace: Folder or URL for stage artifacts, Prefect results and the pixel store.
         config: :class:`PipelineConfig` as a dict (defaults when omitted); its ``growth`` section
             sets when the backbone is retrained and how warm starts run.
-        clusters: Number of clusters (overrides ``scan.num_clusters``).
+        clusters: Number of clusters (overrides ``scan.num_clusters``), or ``"auto"``: choose
+            it without labels in ``cluster_count.k_min .. k_max`` after neighbour mining.
         retrain_pretext: Train the backbone on the current images even if the lake grew less than
             ``growth.retrain_pretext_after`` since the current one was trained.
 
@@ -240,7 +307,8 @@ def scan_pipeline(
     log = get_run_logger()
     settings = MachineSettings()
     cfg = as_config(config)
-    if clusters is not None:
+    auto = clusters == "auto"
+    if isinstance(clusters, int):
         data = cfg.model_dump(mode="json")
         data["scan"]["num_clusters"] = clusters
         cfg = as_config(data)
@@ -265,7 +333,7 @@ def scan_pipeline(
         tracking_uri=settings.tracking_uri, experiment_id=experiment_id, parent_run_id=parent
     )
     try:
-        result = _run_stages(lake_store, ws, cfg, ref, retrain_pretext, flow_run_id)
+        result = _run_stages(lake_store, ws, cfg, ref, retrain_pretext, flow_run_id, auto)
     except BaseException:
         tracking.end_run(ref, parent, ok=False)
         raise
@@ -327,6 +395,37 @@ def _track_growth(
     tracking.log_table(ref, ref.parent_run_id, lineage.get("clusters", []), "cluster_lineage.json")
 
 
+def _with_clusters(cfg: PipelineConfig, num_clusters: int) -> PipelineConfig:
+    """``cfg`` with ``scan.num_clusters`` set to the chosen number of clusters.
+
+    Raises:
+        ScanLakeError: the settings do not allow that many clusters (e.g. two-stage
+            ``overcluster``).
+    """
+    try:
+        return cfg.with_overrides({"scan.num_clusters": num_clusters})
+    except (ValidationError, ValueError) as exc:
+        raise ScanLakeError(
+            f"The chosen number of clusters {num_clusters} does not fit the config ({exc}): "
+            "adjust cluster_count.k_min/k_max or the conflicting setting."
+        ) from exc
+
+
+def _track_choice(ref: TrackingRef, chosen: dict[str, Any]) -> None:
+    """Record the ``--clusters auto`` choice on the parent run (the curves and the plot are in
+    the choose_k stage's run)."""
+    tracking.set_tags(
+        ref,
+        ref.parent_run_id,
+        {
+            "clusters": "auto",
+            "clusters.criterion": str(chosen["criterion"]),
+            "clusters.explanation": str(chosen["explanation"])[:5000],
+        },
+    )
+    tracking.log_metrics(ref, ref.parent_run_id, {"clusters/chosen_k": float(chosen["chosen_k"])})
+
+
 def _run_stages(
     lake: Storage,
     ws: Storage,
@@ -334,6 +433,7 @@ def _run_stages(
     ref: TrackingRef,
     retrain_pretext: bool,
     flow_run_id: str,
+    auto_clusters: bool = False,
 ) -> dict[str, Any]:
     settings = MachineSettings()
     snapshot: LakeSnapshot = scan_lake(lake.url, ws.url, cfg.image.model_dump(mode="json"))
@@ -353,7 +453,7 @@ def _run_stages(
             "lake/objects_read": snapshot.num_read,
         },
     )
-    validate_request(cfg, snapshot)
+    validate_request(cfg, snapshot, auto_clusters)
     run = _Runner(result_storage_for(ws), ref)
 
     def request(stage: str, key: str, config: dict[str, Any]) -> StageRequest:
@@ -370,18 +470,17 @@ def _run_stages(
         snapshot.listing,
     )
 
+    pretext_config = pretext_stage_config(cfg)
     pretext_plan: PretextPlan = plan_pretext(
         ws.url,
-        cfg.pretext.model_dump(mode="json"),
+        pretext_config,
         snapshot.images_key,
         snapshot.image_config_key,
         snapshot.listing,
         cfg.growth.retrain_pretext_after,
         retrain_pretext,
     )
-    pre = run(
-        pretext, request("pretext", pretext_plan.key, cfg.pretext.model_dump(mode="json")), cat
-    )
+    pre = run(pretext, request("pretext", pretext_plan.key, pretext_config), cat)
 
     embed_config = {"device": cfg.pretext.device, "batch_size": 1024}
     embed_key = keys.stage_key("embed", "", {"pretext": pre.key, "images": snapshot.images_key})
@@ -402,30 +501,81 @@ def _run_stages(
         nbr,
     )
 
+    chosen: dict[str, Any] | None = None
+    if auto_clusters:
+        count_key = keys.stage_key(
+            "choose_k", cfg.cluster_count.fingerprint(), {"neighbors": nbr.key}
+        )
+        count = run(
+            choose_k,
+            request("choose_k", count_key, cfg.cluster_count.model_dump(mode="json")),
+            emb,
+            nbr,
+        )
+        chosen = {**count.summary, "plot": ws.uri(f"{count.rel_dir}/{count.summary['plot']}")}
+        cfg = _with_clusters(cfg, int(chosen["chosen_k"]))
+        _track_choice(ref, chosen)
+    k = cfg.scan.num_clusters
+    method = cfg.clustering.method
+    method_config = None if method == "scan" else stage_config(cfg, k)
+
+    # a method's settings stand in for SCAN's: a change of method or settings starts cold
+    method_fingerprint = (
+        cfg.scan.fingerprint() if method_config is None else keys.digest(method_config)
+    )
     signature = RunSignature(
         images_key=snapshot.images_key,
         pretext_key=pre.key,
-        num_clusters=cfg.scan.num_clusters,
-        scan_fingerprint=cfg.scan.fingerprint(),
+        num_clusters=k,
+        scan_fingerprint=method_fingerprint,
         selflabel_fingerprint=cfg.selflabel.fingerprint(),
     )
     plan: GrowthPlan = plan_growth(ws.url, lake.url, signature, cfg.growth.model_dump(mode="json"))
+    if method_config is not None and plan.start == "warm":
+        plan = plan.model_copy(
+            update={
+                "start": "cold",
+                "warm_from": None,
+                "reason": f"warm starts are SCAN's; clustering.method is {method}",
+            }
+        )
     warm = plan.warm_from
-    scan_cfg = warm_scan_config(cfg.scan, cfg.growth) if warm else cfg.scan
-    scan_inputs = {"neighbors": nbr.key, "pretext": pre.key}
-    if warm is not None:
-        scan_inputs["init"] = warm.key
-    scan_key = keys.stage_key("scan", scan_cfg.fingerprint(), scan_inputs)
-    model = run(
-        scan,
-        request("scan", scan_key, scan_cfg.model_dump(mode="json")),
-        pre,
-        nbr,
-        cat,
-        warm,
-    )
+    if method_config is None:
+        scan_cfg = warm_scan_config(cfg.scan, cfg.growth) if warm else cfg.scan
+        scan_inputs = {"neighbors": nbr.key, "pretext": pre.key}
+        if warm is not None:
+            scan_inputs["init"] = warm.key
+        scan_key = keys.stage_key("scan", scan_cfg.fingerprint(), scan_inputs)
+        model = run(
+            scan,
+            request("scan", scan_key, scan_cfg.model_dump(mode="json")),
+            pre,
+            nbr,
+            cat,
+            warm,
+        )
+    else:
+        inputs = (
+            {"embed": emb.key}
+            if method == "kmeans"
+            else {"pretext": pre.key, "images": snapshot.images_key}
+        )
+        model = run(
+            scan,
+            request("scan", clustering_key(method_config, inputs), method_config),
+            pre,
+            nbr,
+            cat,
+            None,
+            emb if method == "kmeans" else None,
+        )
 
-    if cfg.selflabel.enabled:
+    skipped: dict[str, str] = {}
+    if method_config is not None:
+        skipped["selflabel"] = f"self-labeling is SCAN's step 4; clustering.method is {method}"
+    elif not cfg.selflabel.enabled:
+        skipped["selflabel"] = "selflabel.enabled is false"
+    else:
         sl_cfg = warm_selflabel_config(cfg.selflabel, cfg.growth) if warm else cfg.selflabel
         sl_key = keys.stage_key("selflabel", sl_cfg.fingerprint(), {"scan": model.key})
         model = run(
@@ -434,6 +584,15 @@ def _run_stages(
             model,
             cat,
         )
+    tracking.set_tags(
+        ref,
+        ref.parent_run_id,
+        {
+            "pretext.method": cfg.pretext.method,
+            "clustering.method": method,
+            **{f"{stage}.skipped": reason for stage, reason in skipped.items()},
+        },
+    )
 
     assign_config = {
         "device": cfg.scan.device,
@@ -503,6 +662,13 @@ def _run_stages(
             "previous_flow_run_id": plan.previous_flow_run_id,
         },
         "lineage": lineage,
+        "clustering": {
+            "pretext_method": cfg.pretext.method,
+            "method": method,
+            "num_clusters": k,
+            "auto": chosen,
+        },
+        "skipped": skipped,
         "duplicates": dup_counts,
         "duplicates_report": ws.uri(f"{dup.rel_dir}/duplicates.parquet"),
         "model_version": asg.summary.get("model_version"),

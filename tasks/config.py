@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import ValidationError
@@ -36,6 +36,26 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ScanLakeError(f"--set '{pair}' is not key=value: write e.g. --set scan.epochs=5.")
         out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
     return out
+
+
+def parse_clusters(value: str | int | None) -> int | Literal["auto"] | None:
+    """``--clusters``: a number of clusters, ``auto`` (choose it without labels) or None.
+
+    Raises:
+        ScanLakeError: anything else.
+    """
+    if value is None or isinstance(value, int):
+        return value
+    text = value.strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise ScanLakeError(
+            f"--clusters {value!r} is neither a number nor 'auto': pass e.g. --clusters 10, or "
+            "--clusters auto to choose it in cluster_count.k_min..k_max."
+        ) from None
 
 
 def build_config(

@@ -1,4 +1,6 @@
-"""Embed stage: L2-normalised pretext embeddings of the catalog's unique images.
+"""Embed stage: L2-normalised pretext embeddings of the catalog's unique images: the embedding
+head's output for SimCLR and Super-AND (the 128-d space their losses shape), the backbone
+features for RotNet (whose head predicts rotations).
 
 Embeddings are also kept in a store per backbone (``embedding-store/<pretext key>/``) keyed by
 image content hash, so when the lake grows and the backbone is reused only new images are embedded.
@@ -15,6 +17,7 @@ from prefect import task
 
 from scan_core.config import ImageConfig
 from scan_core.inference import compute_embeddings
+from scan_core.models import RotNetHead
 from tasks import checkpoints
 from tasks.catalog import read_catalog
 from tasks.lake import unique_ids
@@ -76,6 +79,7 @@ def embed_fn(request: StageRequest, pretext: StageOutput, catalog: StageOutput) 
                 images,
                 batch_size=int(request.config.get("batch_size", 1024)),
                 device=str(request.config.get("device", "auto")),
+                use_head=not isinstance(model.head, RotNetHead),
                 progress=run.on_batch,
             )
             run.workspace.write_table(

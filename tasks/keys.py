@@ -19,6 +19,16 @@ import scan_core
 
 _CORE = Path(scan_core.__file__).parent
 
+#: Two-stage and IIC class assignment (scan_core.twostage and what it builds on).
+_MUTUAL_INFORMATION = (
+    "twostage.py",
+    "clustering.py",
+    "training.py",
+    "transforms.py",
+    "losses.py",
+    "models",
+)
+
 #: The scan_core modules each stage runs (its code version hashes their source text). The config
 #: module is left out: the config fingerprint already covers the values a stage uses.
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
@@ -45,6 +55,20 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "assign": ("inference.py", "transforms.py", "models"),
     "evaluate": ("evaluation.py", "plots.py", "neighbors.py"),
     "duplicates": (),
+    # keys of the other methods (pretext.method, clustering.method) have names of their own, so
+    # adding them left the keys of the stages above as they were
+    "superand": (
+        "superand.py",
+        "pretext.py",
+        "training.py",
+        "transforms.py",
+        "losses.py",
+        "models",
+    ),
+    "twostage": _MUTUAL_INFORMATION,
+    "iic": _MUTUAL_INFORMATION,
+    "kmeans": ("kmeans.py", "twostage.py", "models"),
+    "choose_k": ("model_selection.py", "losses.py", "training.py", "plots.py"),
 }
 
 #: Bumped when a task changes what it writes (the scan_core hash covers the science code).
@@ -59,6 +83,11 @@ TASK_FORMAT_VERSION: dict[str, int] = {
     "assign": 2,  # 2: stable cluster ids, lineage table, reordered checkpoint
     "evaluate": 2,  # 2: reads stable cluster ids
     "duplicates": 1,
+    "superand": 1,
+    "twostage": 1,
+    "iic": 1,
+    "kmeans": 1,
+    "choose_k": 1,
 }
 
 

@@ -1,4 +1,8 @@
-"""Pretext stage (SCAN step 1): train the representation on the catalog's unique images.
+"""Pretext stage (SCAN step 1): train the representation on the catalog's unique images, with
+SimCLR or RotNet (``scan_core.pretext``) or Super-AND (``pretext.method = superand``, Han et al.'s
+stage 1, ``scan_core.superand``; the ``pretext`` section's settings plus the ``superand``
+section's). A Super-AND stage's key is computed under its own name and code version (``superand``
+in :mod:`tasks.keys`), so the keys of SimCLR and RotNet stages are those they always had.
 
 Growing lakes reuse a backbone (DESIGN.md §2): :func:`plan_pretext` keeps the earlier pretext stage
 (same config and code) that covers most of the lake until the lake has grown past
@@ -15,8 +19,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
-from scan_core.config import ImageConfig, PretextConfig
-from scan_core.pretext import train_pretext
+from scan_core.config import ImageConfig, PipelineConfig, PretextConfig, SuperANDConfig
+from scan_core.pretext import PretextResult, train_pretext
+from scan_core.superand import train_superand
 from tasks import checkpoints, keys
 from tasks.catalog import read_catalog
 from tasks.lake import unique_ids
@@ -37,16 +42,45 @@ logger = logging.getLogger(__name__)
 
 TRAIN_IDS = "train_ids.parquet"
 
+PretextSettings = PretextConfig | SuperANDConfig
+
+
+def pretext_stage_config(config: PipelineConfig) -> dict[str, Any]:
+    """The pretext stage's config: the ``pretext`` section (SimCLR, RotNet), or for Super-AND
+    ``{"method": "superand", **SuperANDConfig}`` (:meth:`PipelineConfig.superand_config`)."""
+    if config.pretext.method == "superand":
+        return {"method": "superand", **config.superand_config().model_dump(mode="json")}
+    return config.pretext.model_dump(mode="json")
+
+
+def parse_pretext_config(config: dict[str, Any]) -> PretextSettings:
+    """The typed settings of a pretext stage config (:func:`pretext_stage_config`)."""
+    if config.get("method") == "superand":
+        return SuperANDConfig.model_validate({k: v for k, v in config.items() if k != "method"})
+    return PretextConfig.model_validate(config)
+
+
+def key_name(config: PretextSettings) -> str:
+    """The name the stage key and code version of ``config`` are computed under."""
+    return "superand" if isinstance(config, SuperANDConfig) else "pretext"
+
+
+def train(images: Any, config: PretextSettings, run: StageRun) -> PretextResult:
+    """Train SimCLR / RotNet or Super-AND on uint8 images, reporting every epoch to ``run``."""
+    if isinstance(config, SuperANDConfig):
+        return train_superand(images, config, progress=run.on_epoch)
+    return train_pretext(images, config, progress=run.on_epoch)
+
 
 def pretext_fn(request: StageRequest, catalog: StageOutput) -> StageOutput:
     """Train the pretext model on the unique images of ``catalog``; save the checkpoint."""
 
     def body(run: StageRun) -> dict[str, Any]:
-        config = PretextConfig.model_validate(request.config)
+        config = parse_pretext_config(request.config)
         image_config = ImageConfig.model_validate(catalog.summary["image_config"])
         ids = unique_ids(read_catalog(run.workspace, catalog))
         images = load_pixels(run.workspace, catalog.summary["image_config_key"], ids, image_config)
-        result = train_pretext(images, config, progress=run.on_epoch)
+        result = train(images, config, run)
         state = checkpoints.state_bytes(result.model)
         run.write_bytes(checkpoints.CHECKPOINT, state, log=True)
         description = {"config": request.config, "in_channels": image_config.channels}
@@ -58,9 +92,10 @@ def pretext_fn(request: StageRequest, catalog: StageOutput) -> StageOutput:
             "final_loss": final.get("loss"),
             "epochs": len(result.history),
             "backbone": config.backbone,
+            "method": request.config.get("method", "simclr"),
             "config_fingerprint": config.fingerprint(),
             "image_config_key": catalog.summary["image_config_key"],
-            "code_version": keys.code_version("pretext"),
+            "code_version": keys.code_version(key_name(config)),
         }
 
     return run_stage(request, body)
@@ -161,7 +196,7 @@ def choose_backbone(
 
 
 def backbone_candidates(
-    workspace: Storage, config: PretextConfig, image_config_key: str, current_ids: set[str]
+    workspace: Storage, config: PretextSettings, image_config_key: str, current_ids: set[str]
 ) -> list[BackboneCandidate]:
     """Earlier finished pretext stages with the same pretext config, code and image config."""
     found = []
@@ -173,7 +208,7 @@ def backbone_candidates(
         summary = manifest.get("summary", {})
         if (
             summary.get("config_fingerprint") != config.fingerprint()
-            or summary.get("code_version") != keys.code_version("pretext")
+            or summary.get("code_version") != keys.code_version(key_name(config))
             or summary.get("image_config_key") != image_config_key
         ):
             continue
@@ -206,8 +241,8 @@ def plan_pretext(
     The policy picks an *input*; the pretext stage key itself is a content fingerprint (config,
     images, code) and never depends on ``retrain_after``.
     """
-    config = PretextConfig.model_validate(pretext_config)
-    own = keys.stage_key("pretext", config.fingerprint(), {"images": images_key})
+    config = parse_pretext_config(pretext_config)
+    own = keys.stage_key(key_name(config), config.fingerprint(), {"images": images_key})
     workspace = Storage(workspace_url)
     own_exists = workspace.exists(f"pretext/{own}/{MANIFEST}")
     candidates: list[BackboneCandidate] = []
