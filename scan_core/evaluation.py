@@ -48,9 +48,7 @@ def _labelled(labels: np.ndarray, predictions: np.ndarray) -> tuple[np.ndarray, 
             f"and {predictions.shape[0]} predictions"
         )
     if labels.size and labels.min() < UNKNOWN_LABEL:
-        raise ValueError(
-            f"labels must be class ids >= 0 or -1 (unknown), got {int(labels.min())}"
-        )
+        raise ValueError(f"labels must be class ids >= 0 or -1 (unknown), got {int(labels.min())}")
     if predictions.size and predictions.min() < 0:
         raise ValueError(f"predictions must be cluster ids >= 0, got {int(predictions.min())}")
     known = labels != UNKNOWN_LABEL
@@ -375,6 +373,7 @@ def kmeans(
         raise ValueError("features contain NaN or infinite values")
     model = KMeans(n_clusters=num_clusters, n_init=n_init, random_state=seed, max_iter=max_iter)
     predictions = model.fit_predict(x).astype(np.int64)
-    logger.info("k-means: %d samples into %d clusters, inertia %.4g", n, num_clusters,
-                model.inertia_)
+    logger.info(
+        "k-means: %d samples into %d clusters, inertia %.4g", n, num_clusters, model.inertia_
+    )
     return predictions

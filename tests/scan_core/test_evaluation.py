@@ -183,7 +183,14 @@ def test_evaluate_clustering_bundles_the_metrics() -> None:
         num_classes=3,
     )
     assert set(metrics.as_dict()) == {
-        "acc", "nmi", "ari", "top5", "many_to_one_acc", "num_samples", "num_clusters", "num_classes"
+        "acc",
+        "nmi",
+        "ari",
+        "top5",
+        "many_to_one_acc",
+        "num_samples",
+        "num_clusters",
+        "num_classes",
     }
     no_probs = evaluate_clustering(labels, predictions)
     assert no_probs.top5 is None
