@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     """Run the scenarios and write the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=10_000)
+    parser.add_argument("--images", type=int, default=20_000)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / ".work" / "pipeline")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")

@@ -248,7 +248,7 @@ def run(
 
 @app.command()
 def demo(
-    images: Annotated[int, typer.Option(help="Fashion-MNIST images in the demo lake.")] = 10_000,
+    images: Annotated[int, typer.Option(help="Fashion-MNIST images in the demo lake.")] = 20_000,
     directory: Annotated[Path, typer.Option(help="Where the demo lake and workspace go.")] = Path(
         "demo"
     ),

@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 WRITE_BATCH = 1000
 
 
-def write_demo_lake(lake_url: str, images: int = 10_000, start: int = 0) -> int:
+def write_demo_lake(lake_url: str, images: int = 20_000, start: int = 0) -> int:
     """Write Fashion-MNIST images ``start .. start + images - 1`` (train then test split) as PNG
     objects under ``lake_url``, and the labels sidecar for every image in the lake so far.
 
@@ -67,6 +67,6 @@ def write_demo_lake(lake_url: str, images: int = 10_000, start: int = 0) -> int:
 
 
 @flow(name="build_demo_lake")
-def build_demo_lake(lake: str, images: int = 10_000, start: int = 0) -> int:
+def build_demo_lake(lake: str, images: int = 20_000, start: int = 0) -> int:
     """Prefect flow around :func:`write_demo_lake`."""
     return write_demo_lake(lake, images, start)
