@@ -197,7 +197,12 @@ def main() -> None:
         "--images", type=int, default=None, help="N, the full lake (default 10,000)"
     )
     parser.add_argument("--quick", action="store_true", help=f"smoke run on {QUICK_IMAGES} images")
-    parser.add_argument("--work", type=Path, default=ROOT / "bench" / ".work" / "growth")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="scratch folder, emptied first (default bench/.work/growth, growth-quick)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument(
         "--set",
@@ -210,6 +215,8 @@ def main() -> None:
     images = args.images or (QUICK_IMAGES if args.quick else 10_000)
     sizes = lake_sizes(images)
 
+    if args.work is None:  # a smoke run never empties the folder of a full run in progress
+        args.work = ROOT / "bench" / ".work" / ("growth-quick" if args.quick else "growth")
     if args.work.exists():
         shutil.rmtree(args.work)
     args.work.mkdir(parents=True)
