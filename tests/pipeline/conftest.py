@@ -145,9 +145,9 @@ class SecureS3:
         }
 
 
-@pytest.fixture(scope="session")
-def secure_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureS3]:
-    """A credentialed SeaweedFS S3 (``-s3.config`` identities) for the session."""
+def start_secure_s3(data: Path) -> tuple[WeedServer, SecureS3]:
+    """Start a credentialed SeaweedFS S3 with its data in ``data``: the server (stop it when
+    done) and its :class:`SecureS3` (buckets created, a fresh planted secret)."""
     import s3fs
 
     secret = f"PLANTED-SECRET-{uuid.uuid4().hex}"
@@ -158,7 +158,7 @@ def secure_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureS3]:
         identity("admin", "scan-lake-admin", "admin-secret", ["Admin"]),
         identity("pipeline", "scan-lake-pipeline", secret, pipeline_actions),
     ]
-    server = WeedServer(tmp_path_factory.mktemp("weed-secure"), identities)
+    server = WeedServer(data, identities)
     server.start()
     admin = s3fs.S3FileSystem(
         key="scan-lake-admin",
@@ -166,9 +166,20 @@ def secure_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureS3]:
         client_kwargs={"endpoint_url": server.endpoint},
         skip_instance_cache=True,
     )
-    admin.mkdir(lake)
-    admin.mkdir(work)
     try:
-        yield SecureS3(server.endpoint, admin, "scan-lake-pipeline", secret, lake, work)
+        admin.mkdir(lake)
+        admin.mkdir(work)
+    except BaseException:
+        server.stop()
+        raise
+    return server, SecureS3(server.endpoint, admin, "scan-lake-pipeline", secret, lake, work)
+
+
+@pytest.fixture(scope="session")
+def secure_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureS3]:
+    """A credentialed SeaweedFS S3 (``-s3.config`` identities) for the session."""
+    server, secure = start_secure_s3(tmp_path_factory.mktemp("weed-secure"))
+    try:
+        yield secure
     finally:
         server.stop()

@@ -104,6 +104,8 @@ class WeedServer:
 
     def start(self, timeout: float = 90) -> None:
         """Start (or restart) the server and wait until S3 answers."""
+        if self.process is not None and self.process.poll() is None:
+            raise RuntimeError(f"weed mini is already running on {self.endpoint}")
         log = (self.data / "weed.log").open("ab")
         self.process = subprocess.Popen(
             self.args(), stdout=log, stderr=subprocess.STDOUT, cwd=self.data
