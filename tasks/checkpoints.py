@@ -11,6 +11,7 @@ head.
 from __future__ import annotations
 
 import io
+import pickle
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from scan_core.models import (
 )
 from scan_core.pretext import build_pretext_model
 from scan_core.twostage import EmbeddingBackbone
+from tasks.errors import ScanLakeError
 from tasks.storage import Storage
 
 CHECKPOINT = "model.pt"
@@ -42,9 +44,26 @@ def state_bytes(model: torch.nn.Module) -> bytes:
 
 
 def load_state(workspace: Storage, rel_dir: str) -> dict[str, Any]:
-    """Load a stage's state_dict safely (``weights_only=True``)."""
-    data = workspace.read_bytes(f"{rel_dir}/{CHECKPOINT}")
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)  # type: ignore[no-any-return]
+    """Load a stage's state_dict safely: ``weights_only=True`` unpickles tensors and plain
+    containers only, so a checkpoint that would run code when loaded is refused, never run.
+
+    Raises:
+        ScanLakeError: the checkpoint holds other Python objects, or is not a checkpoint.
+    """
+    path = f"{rel_dir}/{CHECKPOINT}"
+    data = workspace.read_bytes(path)
+    cause: Exception
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)  # type: ignore[no-any-return]
+    except pickle.UnpicklingError as exc:
+        problem, cause = "holds Python objects other than tensors, which are never unpickled", exc
+    except RuntimeError as exc:  # not a torch zip archive: truncated or overwritten
+        detail = " ".join(str(exc).split())[:120]
+        problem, cause = f"is not a readable PyTorch checkpoint ({detail})", exc
+    raise ScanLakeError(
+        f"The checkpoint {workspace.uri(path)} {problem}: point --workspace at a fresh folder "
+        "to recompute the stages, and check who can write this one."
+    ) from cause
 
 
 def load_pretext_model(workspace: Storage, rel_dir: str) -> PretextModel:
