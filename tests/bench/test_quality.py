@@ -1,0 +1,48 @@
+"""The quality benchmark's --quick mode as a smoke test (bench/quality.py): real training on a few
+hundred Fashion-MNIST images, rows in the issue's format, reruns of some methods merged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.quality import main
+
+#: 1,000 images (on 400 a 2-epoch SCAN model is still near uniform: nothing to self-label)
+QUICK = ["--quick", "--images", "1000"]
+ROW_KEYS = {"method", "dataset", "n_images", "acc", "nmi", "ari", "seconds", "seeds"}
+
+
+@pytest.fixture
+def one_thread() -> object:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_run_writes_the_rows_and_merges_a_second_run(
+    tmp_path: Path, one_thread: object
+) -> None:
+    assert main([*QUICK, "--methods", "table1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "quality_quick.json").read_text())
+    assert [r["method"] for r in rows] == ["kmeans_raw", "pretext_kmeans", "scan", "scan_selflabel"]
+    for row in rows:
+        assert set(row) >= ROW_KEYS
+        assert row["dataset"] == "fashion-mnist" and row["n_images"] == 1000 and row["seeds"] == [0]
+        assert 0.1 <= row["acc"] <= 1 and row["seconds"] >= 0
+    markdown = (tmp_path / "quality_quick.md").read_text()
+    assert "| scan_selflabel |" in markdown and "Published numbers" in markdown
+
+    # a run of one more method keeps the earlier rows and adds its own (a reused pretext model)
+    args = [*QUICK, "--methods", "scan_overcluster", "--reuse-pretext"]
+    assert main([*args, "--overcluster", "12", "--out", str(tmp_path)]) == 0
+    merged = json.loads((tmp_path / "quality_quick.json").read_text())
+    assert [r["method"] for r in merged] == [r["method"] for r in rows] + ["scan_overcluster"]
+    assert merged[:4] == rows
+    over = merged[-1]
+    assert over["num_clusters"] == 12 and over["hungarian_acc"] <= over["acc"]
+    assert "reused" in (tmp_path / "quality_quick.md").read_text()
