@@ -77,8 +77,11 @@ def assign_fn(
     under ids matched to ``previous`` (the previous run's assign stage, part of the stage key).
 
     ``request.config``: ``device``, ``batch_size`` and ``registered_model`` (name to register the
-    model under; empty to skip registration).
+    model under; empty to skip registration). The registered version becomes ``champion`` only
+    when this run's commit of the stage wins: a run that loses the commit to a concurrent one
+    (:meth:`tasks.stage.StageRun.finish`) leaves the alias on the winner's version.
     """
+    own_run: list[str] = []
 
     def body(run: StageRun) -> dict[str, Any]:
         image_config = ImageConfig.model_validate(catalog.summary["image_config"])
@@ -151,11 +154,16 @@ def assign_fn(
             example = IdentityTransform()(images[:2]).numpy()  # the model's input
             summary["registered_model"] = name
             summary["model_version"] = tracking.log_and_register_model(
-                request.tracking, run.run_id, network, example, name
+                request.tracking, run.run_id, network, example, name, alias=None
             )
+            own_run.append(run.run_id)
         return summary
 
-    return run_stage(request, body)
+    output = run_stage(request, body)
+    version = output.summary.get("model_version")
+    if request.tracking is not None and version and output.run_id in own_run:
+        tracking.set_model_alias(request.tracking, output.summary["registered_model"], version)
+    return output
 
 
 def _lineage(

@@ -155,9 +155,10 @@ def log_and_register_model(
     model: Any,
     input_example: Any,
     registered_name: str,
-    alias: str = "champion",
+    alias: str | None = "champion",
 ) -> str:
-    """Log the final clustering model with ``mlflow.pytorch`` and register it under an alias.
+    """Log the final clustering model with ``mlflow.pytorch`` and register it, under an alias
+    unless ``alias`` is None (see :func:`set_model_alias`).
 
     The default serialization (``pt2``, torch.export) needs an input example (a batch of two or
     more, so the exported batch dimension stays dynamic); the model version
@@ -174,8 +175,16 @@ def log_and_register_model(
             pip_requirements=[f"torch=={torch.__version__}", f"mlflow=={mlflow.__version__}"],
         )
     version = str(info.registered_model_version)
-    ref.client().set_registered_model_alias(registered_name, alias, version)
+    if alias is not None:
+        set_model_alias(ref, registered_name, version, alias)
     return version
+
+
+def set_model_alias(
+    ref: TrackingRef, registered_name: str, version: str, alias: str = "champion"
+) -> None:
+    """Point ``alias`` of the registered model at ``version``."""
+    ref.client().set_registered_model_alias(registered_name, alias, version)
 
 
 def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:

@@ -250,7 +250,8 @@ def concurrent(lake: FaultLake, home: Path) -> dict[str, Any]:
 
     Returns:
         statuses, outputs and results of both; problems (:meth:`FaultLake.committed_problems`);
-        committed; discarded (stage runs that lost a commit race and adopted the winner's).
+        committed; discarded (stage runs that lost a commit race and adopted the winner's);
+        champion (the model version the registry's ``champion`` alias names).
     """
     env = lake.env(home, "faults-twice")
     logs = [home / "a.log", home / "b.log"]
@@ -271,4 +272,9 @@ def concurrent(lake: FaultLake, home: Path) -> dict[str, Any]:
         "problems": lake.committed_problems("ws-twice"),
         "committed": lake.committed("ws-twice"),
         "discarded": sorted(discarded),
+        "champion": str(
+            MlflowClient(lake.tracking_uri)
+            .get_model_version_by_alias("scan-lake", "champion")
+            .version
+        ),
     }

@@ -97,6 +97,8 @@ def test_two_runs_on_one_workspace_at_once(lake: FaultLake, tmp_path: Path) -> N
     ]
     assert a["cluster_sizes"] == b["cluster_sizes"] and a["metrics"] == b["metrics"]
     assert sum(a["cluster_sizes"]) == a["counts"]["images"]
+    # the registry's champion is the committed model, even if the losing run registered one
+    assert got["champion"] == str(a["model_version"]) == str(b["model_version"])
     assert got["problems"] == []
     assert got["committed"] == {r["stage"] for r in a["stages"]}
     assert lake.lake_state() == lake.before
