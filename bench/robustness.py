@@ -251,13 +251,15 @@ def faults(report: Report, work: Path, fashion: Any) -> None:
         got = concurrent(lake, home)
         results = got["results"]
         agree = None not in results and results[0]["metrics"] == results[1]["metrics"]
+        champion = None not in results and got["champion"] == str(results[0]["model_version"])
         report.case(
             "fault",
             "two runs on one workspace at once",
             f"exits {got['statuses']}; {len(got['committed'])} stages committed once each, "
             f"problems: {got['problems'] or 'none'}; commit races lost and adopted: "
-            f"{', '.join(got['discarded']) or 'none'}; same metrics: {agree}",
-            got["statuses"] == [0, 0] and not got["problems"] and agree,
+            f"{', '.join(got['discarded']) or 'none'}; same metrics: {agree}; registry "
+            f"champion = the committed model (version {got['champion']}): {champion}",
+            got["statuses"] == [0, 0] and not got["problems"] and agree and champion,
         )
         for label, result in zip(("a", "b"), results, strict=True):
             if result is not None:
