@@ -71,6 +71,7 @@ from scan_core.pretext import build_pretext_model, train_pretext
 from scan_core.selflabel import train_selflabel
 from scan_core.training import EpochLog
 from scan_core.twostage import train_twostage
+from tasks.config import parse_overrides
 
 RESULTS = Path(__file__).parent / "results"
 DATASET = "fashion-mnist"
@@ -432,16 +433,6 @@ def write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
         "",
     ]
     path.write_text("\n".join(lines))
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got '{item}'")
-        out[key] = json.loads(value) if value[:1] in '0123456789-[{tf"' else value
-    return out
 
 
 def split_local(settings: dict[str, Any], section: str) -> dict[str, Any]:
