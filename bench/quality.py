@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import logging
 import platform
@@ -66,6 +67,7 @@ from scan_core.data import load_fashion_mnist
 from scan_core.evaluation import evaluate_clustering, kmeans, many_to_one_accuracy
 from scan_core.inference import compute_embeddings, predict_probabilities
 from scan_core.model_selection import choose_num_clusters
+from scan_core.models import backbones
 from scan_core.neighbors import mine_neighbors, neighbor_purity
 from scan_core.pretext import build_pretext_model, train_pretext
 from scan_core.selflabel import train_selflabel
@@ -171,9 +173,10 @@ def pretext_for(
 ) -> Pretext:
     """Train (or, with ``reuse``, load a saved) pretext model, embed every image, mine kNN."""
     cfg = config.pretext.model_copy(update={"seed": seed, "method": name})
-    digest = hashlib.sha256(f"{cfg.model_dump_json()}|{tuple(images.shape)}".encode()).hexdigest()[
-        :16
-    ]
+    # the architecture's source is part of the key: a saved model of an older backbone is not reused
+    architecture = hashlib.sha256(inspect.getsource(backbones).encode()).hexdigest()
+    key = f"{cfg.model_dump_json()}|{tuple(images.shape)}|{architecture}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     weights, meta = WORK / f"pretext-{digest}.pt", WORK / f"pretext-{digest}.json"
     reused = reuse and weights.exists() and meta.exists()
     start = time.perf_counter()
