@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
-from tasks.config import build_config
+from tasks.config import build_config, parse_clusters
 from tasks.errors import ScanLakeError
 
 logger = logging.getLogger(__name__)
@@ -38,25 +38,39 @@ TAGS = ["scan-lake"]
 def deployment_parameters(
     lake: str,
     workspace: str,
-    clusters: int | None = None,
+    clusters: int | Literal["auto"] | str | None = None,
     config_file: Path | str | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The flow parameters of the deployment: lake, workspace, clusters and the whole config.
 
     The config file and overrides are resolved now, so the deployment holds every setting (shown
-    and editable in the Prefect UI) and does not depend on a file on the worker.
+    and editable in the Prefect UI) and does not depend on a file on the worker. ``clusters``
+    is a number, or ``"auto"``: every run then chooses k without labels in
+    ``cluster_count.k_min..k_max`` (the flow's own ``clusters="auto"``).
 
     Raises:
-        ScanLakeError: an invalid config.
+        ScanLakeError: an invalid config or ``clusters``.
     """
-    config = build_config(config_file, overrides, clusters)
+    wanted = parse_clusters(clusters)
+    config = build_config(config_file, overrides, None if wanted == "auto" else wanted)
     return {
         "lake": lake,
         "workspace": workspace,
-        "clusters": config.scan.num_clusters,
+        "clusters": "auto" if wanted == "auto" else config.scan.num_clusters,
         "config": config.model_dump(mode="json"),
     }
+
+
+def describe(parameters: dict[str, Any]) -> str:
+    """The deployment's one-line description."""
+    clusters = parameters["clusters"]
+    into = (
+        "a number of clusters chosen without labels"
+        if clusters == "auto"
+        else f"{clusters} clusters"
+    )
+    return f"Re-cluster {parameters['lake']} into {into}."
 
 
 def build_deployment(
@@ -70,7 +84,7 @@ def build_deployment(
         cron=cron,
         parameters=parameters,
         tags=TAGS,
-        description=f"Re-cluster {parameters['lake']} into {parameters['clusters']} clusters.",
+        description=describe(parameters),
     )
 
 
@@ -142,6 +156,6 @@ def deploy_to_work_pool(
         cron=cron,
         parameters=parameters,
         tags=TAGS,
-        description=f"Re-cluster {parameters['lake']} into {parameters['clusters']} clusters.",
+        description=describe(parameters),
     )
     return deployment.apply()  # type: ignore[no-any-return]

@@ -27,6 +27,11 @@ app = typer.Typer(
     help="Sort an image lake into semantic clusters with SCAN.",
 )
 console = Console()
+
+_CLUSTERS_HELP = (
+    "Number of clusters (scan.num_clusters), or 'auto' to choose it without labels in "
+    "cluster_count.k_min..k_max."
+)
 state: dict[str, bool] = {"debug": False}
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -198,13 +203,7 @@ def _fail(exc: BaseException) -> None:
 def run(
     lake: Annotated[str, typer.Option(help="Lake URL: a folder or s3://bucket/prefix.")],
     workspace: Annotated[str, typer.Option(help="Workspace URL for artifacts and caches.")],
-    clusters: Annotated[
-        str | None,
-        typer.Option(
-            help="Number of clusters (scan.num_clusters), or 'auto' to choose it without labels "
-            "in cluster_count.k_min..k_max.",
-        ),
-    ] = None,
+    clusters: Annotated[str | None, typer.Option(help=_CLUSTERS_HELP)] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key=value.")] = None,
     retrain_pretext: Annotated[
@@ -286,7 +285,7 @@ _CRON_HELP = "Cron schedule of the re-clustering (server time zone)."
 def _deployment_setup(
     lake: str,
     workspace: str,
-    clusters: int | None,
+    clusters: str | None,
     config: Path | None,
     set_: list[str] | None,
     check_storage: bool,
@@ -311,9 +310,7 @@ def _deployment_setup(
 def serve(
     lake: Annotated[str, typer.Option(help="Lake URL: a folder or s3://bucket/prefix.")],
     workspace: Annotated[str, typer.Option(help="Workspace URL for artifacts and caches.")],
-    clusters: Annotated[
-        int | None, typer.Option(help="Number of clusters (scan.num_clusters).")
-    ] = None,
+    clusters: Annotated[str | None, typer.Option(help=_CLUSTERS_HELP)] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key=value.")] = None,
     cron: Annotated[str, typer.Option(help=_CRON_HELP)] = DEFAULT_CRON,
@@ -343,9 +340,7 @@ def deploy(
     work_pool: Annotated[str, typer.Option(help="Process work pool (created if missing).")] = (
         "scan-lake"
     ),
-    clusters: Annotated[
-        int | None, typer.Option(help="Number of clusters (scan.num_clusters).")
-    ] = None,
+    clusters: Annotated[str | None, typer.Option(help=_CLUSTERS_HELP)] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key=value.")] = None,
     cron: Annotated[str, typer.Option(help=_CRON_HELP)] = DEFAULT_CRON,

@@ -237,6 +237,45 @@ def test_deploy_on_a_work_pool_runs_through_a_process_worker(
         _stop(worker)
 
 
+def test_deploy_with_clusters_auto_registers_auto_and_the_server_accepts_a_run(
+    prefect_api: Any, tiny_lake: dict[str, str]
+) -> None:
+    """``--clusters auto`` reaches the deployment as the flow's own ``clusters="auto"`` (every
+    run chooses k); the server validates it against the flow's parameter schema when a run is
+    created. A value that is neither a number nor 'auto' is refused with one sentence."""
+    env = prefect_api["env"]
+    base = [sys.executable, "-m", "flows.cli", "deploy", "--lake", tiny_lake["lake"]]
+    base += ["--workspace", tiny_lake["workspace"], "--config", str(TINY_CONFIG)]
+    base += ["--cron", CRON, "--work-pool", "scan-lake-test-auto"]
+    done = subprocess.run(
+        [*base, "--name", "auto-k", "--clusters", "auto"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with _client(prefect_api["url"]) as client:
+        deployment = client.read_deployment_by_name("scan_pipeline/auto-k")
+        assert deployment.parameters["clusters"] == "auto"
+        assert "chosen without labels" in (deployment.description or "")
+        flow_run = client.create_flow_run_from_deployment(deployment.id)
+        assert flow_run.parameters["clusters"] == "auto"
+    bad = subprocess.run(
+        [*base, "--name", "bad-k", "--clusters", "many"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2
+    out = " ".join((bad.stdout + bad.stderr).split())
+    assert "--clusters 'many' is neither a number nor 'auto'" in out
+    assert "Traceback" not in out
+
+
 def test_prefect_yaml_is_the_deployment_scan_lake_deploy_registers() -> None:
     """prefect.yaml holds the deployment's own parameters (lake, workspace, clusters, growth
     policy), no copy of a science config that could drift from one: its runs use the config that
