@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from tests.pipeline.cli_runs import run_cli
 from tests.pipeline.conftest import TINY_CONFIG, lake_contents, write_local
 from tests.pipeline.weed import free_ports
 
@@ -212,10 +213,9 @@ def test_deploy_on_a_work_pool_runs_through_a_process_worker(
 ) -> None:
     root: Path = prefect_api["root"]
     env = prefect_api["env"]
-    command = [sys.executable, "-m", "flows.cli", "deploy", "--lake", tiny_lake["lake"]]
-    command += ["--workspace", tiny_lake["workspace"], "--config", str(TINY_CONFIG)]
-    command += ["--cron", CRON, "--name", "pooled", "--work-pool", "scan-lake-test"]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    args = ["deploy", "--lake", tiny_lake["lake"], "--workspace", tiny_lake["workspace"]]
+    args += ["--config", str(TINY_CONFIG), "--cron", CRON, "--name", "pooled"]
+    done = run_cli([*args, "--work-pool", "scan-lake-test"], env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "prefect worker start --pool scan-lake-test" in " ".join(done.stdout.split())
 
@@ -244,17 +244,9 @@ def test_deploy_with_clusters_auto_registers_auto_and_the_server_accepts_a_run(
     run chooses k); the server validates it against the flow's parameter schema when a run is
     created. A value that is neither a number nor 'auto' is refused with one sentence."""
     env = prefect_api["env"]
-    base = [sys.executable, "-m", "flows.cli", "deploy", "--lake", tiny_lake["lake"]]
-    base += ["--workspace", tiny_lake["workspace"], "--config", str(TINY_CONFIG)]
-    base += ["--cron", CRON, "--work-pool", "scan-lake-test-auto"]
-    done = subprocess.run(
-        [*base, "--name", "auto-k", "--clusters", "auto"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    base = ["deploy", "--lake", tiny_lake["lake"], "--workspace", tiny_lake["workspace"]]
+    base += ["--config", str(TINY_CONFIG), "--cron", CRON, "--work-pool", "scan-lake-test-auto"]
+    done = run_cli([*base, "--name", "auto-k", "--clusters", "auto"], env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     with _client(prefect_api["url"]) as client:
         deployment = client.read_deployment_by_name("scan_pipeline/auto-k")
@@ -262,14 +254,7 @@ def test_deploy_with_clusters_auto_registers_auto_and_the_server_accepts_a_run(
         assert "chosen without labels" in (deployment.description or "")
         flow_run = client.create_flow_run_from_deployment(deployment.id)
         assert flow_run.parameters["clusters"] == "auto"
-    bad = subprocess.run(
-        [*base, "--name", "bad-k", "--clusters", "many"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    bad = run_cli([*base, "--name", "bad-k", "--clusters", "many"], env)
     assert bad.returncode == 2
     out = " ".join((bad.stdout + bad.stderr).split())
     assert "--clusters 'many' is neither a number nor 'auto'" in out
