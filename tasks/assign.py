@@ -193,26 +193,28 @@ def _lineage(
     shared = [i for i in now if i in before]
     old = np.array([before[i] for i in shared], dtype=np.int64)
     new = np.array([now[i] for i in shared], dtype=np.int64)
+    churned, changed = churn(old, new), int((old != new).sum())
+    new_images, removed = len(now) - len(shared), sum(1 for i in before if i not in now)
     summary = {
         "previous": previous.key if previous is not None else None,
-        "churn": churn(old, new),
+        "churn": churned,
         "shared_images": len(shared),
-        "changed_images": int((old != new).sum()),
+        "changed_images": changed,
         "born": list(match.born),
         "vanished": list(match.vanished),
-        "new_images": len(now) - len(shared),
-        "removed_images": sum(1 for i in before if i not in now),
+        "new_images": new_images,
+        "removed_images": removed,
         "clusters": rows,
     }
     run.log_metrics(
         {
-            "lineage/churn": summary["churn"],
+            "lineage/churn": churned,
             "lineage/shared_images": float(len(shared)),
-            "lineage/changed_images": float(summary["changed_images"]),
+            "lineage/changed_images": float(changed),
             "lineage/born": float(len(match.born)),
             "lineage/vanished": float(len(match.vanished)),
-            "lineage/new_images": float(summary["new_images"]),
-            "lineage/removed_images": float(summary["removed_images"]),
+            "lineage/new_images": float(new_images),
+            "lineage/removed_images": float(removed),
         }
     )
     ref = run.request.tracking

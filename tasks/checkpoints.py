@@ -169,7 +169,10 @@ def reorder_clusters(model: ClusteringModel, order: np.ndarray) -> ClusteringMod
     rows = torch.as_tensor(index)
     with torch.no_grad():
         for head in model.cluster_heads.heads:
-            head.weight.copy_(head.weight[rows].clone())
-            if getattr(head, "bias", None) is not None:
-                head.bias.copy_(head.bias[rows].clone())
+            weight = head.weight
+            assert isinstance(weight, torch.Tensor)
+            weight.copy_(weight[rows].clone())
+            bias: torch.Tensor | None = getattr(head, "bias", None)
+            if bias is not None:
+                bias.copy_(bias[rows].clone())
     return model

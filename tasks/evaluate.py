@@ -66,7 +66,7 @@ def evaluate_fn(
         }
         # per unique image: prototypes, neighbour purity, k-means baseline
         ids, I = read_neighbor_indices(run.workspace, neighbors)  # noqa: E741
-        first = {}
+        first: dict[str, int] = {}
         for row, image_id in enumerate(assignments["image_id"].to_pylist()):
             first.setdefault(image_id, row)
         unique_rows = np.array([first[i] for i in ids], dtype=np.int64)

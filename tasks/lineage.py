@@ -170,7 +170,7 @@ def cluster_growth(
     """
     now, before = set(int(i) for i in ids), set(int(i) for i in previous_ids)
     everything = sorted(now | before)
-    row = {
+    row: dict[int, dict[str, Any]] = {
         c: {
             "cluster": c,
             "status": "kept" if c in now and c in before else ("born" if c in now else "vanished"),

@@ -337,13 +337,11 @@ class Storage:
         rels = [rel] if isinstance(rel, str) else rel
         if not rels:
             raise FileNotFoundError("no Parquet file to read")
-        tables = [
-            self._io(
-                f"reading {self.uri(r)}",
-                lambda r=r: pq.read_table(self.path(r), filesystem=self.fs, columns=columns),
-            )
-            for r in rels
-        ]
+
+        def read(r: str) -> Callable[[], pa.Table]:
+            return lambda: pq.read_table(self.path(r), filesystem=self.fs, columns=columns)
+
+        tables = [self._io(f"reading {self.uri(r)}", read(r)) for r in rels]
         return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
     # -- writing ------------------------------------------------------------------------------
