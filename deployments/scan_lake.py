@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from uuid import UUID
 
 from tasks.config import build_config, parse_clusters
@@ -38,7 +38,7 @@ TAGS = ["scan-lake"]
 def deployment_parameters(
     lake: str,
     workspace: str,
-    clusters: int | Literal["auto"] | str | None = None,
+    clusters: int | str | None = None,
     config_file: Path | str | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -53,7 +53,7 @@ def deployment_parameters(
         ScanLakeError: an invalid config or ``clusters``.
     """
     wanted = parse_clusters(clusters)
-    config = build_config(config_file, overrides, None if wanted == "auto" else wanted)
+    config = build_config(config_file, overrides, wanted)
     return {
         "lake": lake,
         "workspace": workspace,

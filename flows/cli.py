@@ -221,8 +221,7 @@ def run(
         from tasks.config import build_config, parse_clusters, parse_overrides
 
         wanted = parse_clusters(clusters)
-        number = None if wanted == "auto" else wanted
-        cfg = build_config(config, parse_overrides(set_ or []), number)
+        cfg = build_config(config, parse_overrides(set_ or []), wanted)
         settings = MachineSettings()
         Storage(lake, settings).check_reachable()  # fail fast, before Prefect starts
         Storage(workspace, settings).check_reachable(create=True)

@@ -61,13 +61,16 @@ def parse_clusters(value: str | int | None) -> int | Literal["auto"] | None:
 def build_config(
     config_file: Path | str | None = None,
     overrides: dict[str, Any] | None = None,
-    clusters: int | None = None,
+    clusters: int | Literal["auto"] | None = None,
 ) -> PipelineConfig:
-    """The pipeline config from a YAML file, dotted overrides and the number of clusters.
+    """The pipeline config from a YAML file, dotted overrides and the number of clusters
+    (``"auto"``, like None, keeps ``scan.num_clusters``: the run's ``choose_k`` stage sets k).
 
     Raises:
         ScanLakeError: unreadable file, unknown keys, wrong types or values.
     """
+    if clusters == "auto":
+        clusters = None
     if clusters is not None and clusters < 2:
         raise ScanLakeError(
             f"--clusters {clusters} is invalid: scan.num_clusters must be greater than or equal to "
