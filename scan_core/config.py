@@ -61,6 +61,11 @@ class PretextConfig(StageConfig):
     ``method = "superand"`` trains Super-AND (Han et al. 2020) with these settings plus the
     pipeline's ``superand`` section (:meth:`PipelineConfig.superand_config`); its official
     values differ: lr 0.03, weight decay 5e-4, batch 128, 1000 epochs in 5 rounds.
+
+    ``view_scale`` renders the augmented training views (SimCLR, Super-AND) at that fraction of
+    the image size (official: 1). Below 1 it trains at a lower resolution than the embeddings
+    are computed at, as FixRes recommends (:class:`scan_core.transforms.SimCLRTransform`), for
+    ``view_scale ** 2`` of the convolution cost per epoch.
     """
 
     method: Literal["simclr", "rotnet", "superand"] = "simclr"
@@ -74,6 +79,7 @@ class PretextConfig(StageConfig):
     temperature: float = Field(0.1, gt=0)
     crop_scale_min: float = Field(0.2, gt=0, le=1)
     color_jitter: float = Field(0.4, ge=0, le=1)
+    view_scale: float = Field(1.0, gt=0, le=1)
     seed: int = 0
     device: Device = "auto"
     precision: Precision = "auto"
@@ -411,6 +417,7 @@ class SuperANDConfig(SuperANDSettings):
     temperature: float = Field(0.1, gt=0)
     crop_scale_min: float = Field(0.2, gt=0, le=1)
     color_jitter: float = Field(0.4, ge=0, le=1)
+    view_scale: float = Field(1.0, gt=0, le=1)
     seed: int = 0
     device: Device = "auto"
     precision: Precision = "auto"

@@ -45,7 +45,7 @@ from scan_core.training import (
     seed_everything,
     set_lr,
 )
-from scan_core.transforms import SimCLRTransform
+from scan_core.transforms import SimCLRTransform, scaled_size
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,11 @@ def train_superand(
         generator=generator,
         device=device,
     )
-    augment = SimCLRTransform(crop_scale_min=config.crop_scale_min, jitter=config.color_jitter)
+    augment = SimCLRTransform(
+        crop_scale_min=config.crop_scale_min,
+        jitter=config.color_jitter,
+        size=scaled_size(min(images.shape[2:]), config.view_scale),
+    )
     and_loss, aug_loss = ANDLoss(), AUGLoss(config.temperature)
     ue_loss = UELoss(self_logit=-1.0 / config.temperature)
     neighbours = torch.full((n, config.neighbourhood_size), -1, dtype=torch.long, device=device)

@@ -159,13 +159,17 @@ def geometric_theta(
     return theta
 
 
-def resized_crop(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-    """Crop per-image boxes and resize them back to the input size, optionally flipping.
+def resized_crop(
+    images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int | None = None
+) -> torch.Tensor:
+    """Crop per-image boxes and resize them to ``size x size`` (default: the input size),
+    optionally flipping.
 
     Args:
         images: ``(B, C, H, W)`` float.
         boxes: ``(B, 4)`` as ``(x0, y0, w, h)`` fractions of the image.
         flip: ``(B,)`` bool, flip horizontally.
+        size: Side of the output in pixels; ``None`` keeps ``(H, W)``.
     """
     x0, y0, w, h = boxes.unbind(dim=1)
     sign = 1.0 - 2.0 * flip.float()
@@ -174,7 +178,8 @@ def resized_crop(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor) 
     theta[:, 1, 1] = h
     theta[:, 0, 2] = 2 * x0 + w - 1
     theta[:, 1, 2] = 2 * y0 + h - 1
-    grid = F.affine_grid(theta.to(images), list(images.shape), align_corners=False)
+    shape = list(images.shape) if size is None else [*images.shape[:2], size, size]
+    grid = F.affine_grid(theta.to(images), shape, align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -228,15 +233,31 @@ def sample_crop_boxes(
     return torch.stack([x0, y0, w, h], dim=1)
 
 
+def scaled_size(image_size: int, scale: float, minimum: int = 8) -> int | None:
+    """The side of views rendered at ``scale`` of ``image_size`` (at least ``minimum`` pixels);
+    ``None`` (keep the input size) when ``scale`` is 1."""
+    if not 0 < scale <= 1:
+        raise ValueError(f"scale must be in (0, 1], got {scale}")
+    if scale == 1:
+        return None
+    return min(image_size, max(minimum, round(scale * image_size)))
+
+
 # ----------------------------------------------------------------------------- transforms
 
 
 class SimCLRTransform(nn.Module):
     """One SimCLR view (Chen et al. 2020, Appendix A; SCAN's CIFAR settings).
 
-    RandomResizedCrop(scale=(crop_scale_min, 1)), horizontal flip p 0.5, ColorJitter(jitter,
-    jitter, jitter, hue) with probability ``jitter_p``, random grayscale p ``grayscale_p``.
-    Call twice on the same batch for the two views.
+    RandomResizedCrop(scale=(crop_scale_min, 1)) to ``size x size`` pixels (default: the input
+    size), horizontal flip p 0.5, ColorJitter(jitter, jitter, jitter, hue) with probability
+    ``jitter_p``, random grayscale p ``grayscale_p``. Call twice on the same batch for the two
+    views.
+
+    A ``size`` below the input size renders the views at a lower resolution, as FixRes
+    (Touvron et al., NeurIPS 2019, §3) recommends for RandomResizedCrop training: the crop zooms
+    objects in, so smaller views show them at about their apparent size in the full-resolution
+    test image, for ``(size / H)^2`` of the convolution cost.
     """
 
     def __init__(
@@ -247,10 +268,13 @@ class SimCLRTransform(nn.Module):
         jitter_p: float = 0.8,
         grayscale_p: float = 0.2,
         flip_p: float = 0.5,
+        size: int | None = None,
     ) -> None:
         super().__init__()
         if not 0 < crop_scale_min <= 1:
             raise ValueError(f"crop_scale_min must be in (0, 1], got {crop_scale_min}")
+        if size is not None and size < 1:
+            raise ValueError(f"size must be a positive number of pixels or None, got {size}")
         for name, p in (("jitter_p", jitter_p), ("grayscale_p", grayscale_p), ("flip_p", flip_p)):
             if not 0 <= p <= 1:
                 raise ValueError(f"{name} must be a probability, got {p}")
@@ -259,6 +283,7 @@ class SimCLRTransform(nn.Module):
         self.crop_scale_min = crop_scale_min
         self.jitter, self.hue = jitter, hue
         self.jitter_p, self.grayscale_p, self.flip_p = jitter_p, grayscale_p, flip_p
+        self.size = size
 
     def make_params(self, n: int, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         j = self.jitter
@@ -278,7 +303,7 @@ class SimCLRTransform(nn.Module):
     ) -> torch.Tensor:
         x = to_float(images)
         p = self.make_params(x.shape[0], generator)
-        x = resized_crop(x, p["boxes"], p["flip"])
+        x = resized_crop(x, p["boxes"], p["flip"], self.size)
         on = p["jitter"].to(x.device).view(-1, 1, 1, 1)
         jittered = adjust_brightness(x, p["brightness"])
         jittered = adjust_contrast(jittered, p["contrast"])

@@ -73,6 +73,17 @@ def test_pretext_trains_reports_and_is_seeded(method: str) -> None:
     assert e1.shape == (24, 128 if method == "simclr" else 64)
 
 
+def test_pretext_with_lower_resolution_views() -> None:
+    x, _ = synthetic(8)
+    cfg = PretextConfig(epochs=1, batch_size=12, lr=0.1, view_scale=0.5)
+    result = train_pretext(x, cfg)
+    # trained on 8x8 views, embedded at the images' own 16x16
+    assert np.isfinite(result.history[0].metrics["loss"])
+    assert compute_embeddings(result.model, x).shape == (24, 128)
+    with pytest.raises(ValueError, match="view_scale"):
+        PretextConfig(view_scale=0)
+
+
 def test_pretext_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="uint8"):
         train_pretext(torch.zeros(4, 1, 8, 8), PretextConfig(epochs=1))

@@ -72,6 +72,35 @@ def test_identity_affine_and_full_crop_are_exact() -> None:
     assert torch.allclose(flipped, x.flip(-1), atol=1e-6)
 
 
+def test_resized_crop_to_a_smaller_size() -> None:
+    x = torch.rand(2, 1, 8, 8)
+    full = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2)
+    no_flip = torch.zeros(2, dtype=torch.bool)
+    # a full-image crop rendered at half the size samples the centres of 2x2 blocks
+    half = T.resized_crop(x, full, no_flip, size=4)
+    expected = torch.nn.functional.avg_pool2d(x, 2)
+    assert half.shape == (2, 1, 4, 4) and torch.allclose(half, expected, atol=1e-6)
+    # the top-left quarter at 4x4 is that quarter's pixels exactly
+    quarter = torch.tensor([[0.0, 0.0, 0.5, 0.5]] * 2)
+    assert torch.allclose(T.resized_crop(x, quarter, no_flip, size=4), x[..., :4, :4], atol=1e-6)
+    assert T.resized_crop(x, full, no_flip, size=None).shape == x.shape
+
+
+def test_scaled_size_and_small_simclr_views() -> None:
+    assert T.scaled_size(28, 1.0) is None
+    assert T.scaled_size(28, 0.72) == 20
+    assert T.scaled_size(10, 0.1) == 8  # never below the minimum
+    assert T.scaled_size(6, 0.5) == 6  # nor above the image
+    with pytest.raises(ValueError, match="scale"):
+        T.scaled_size(28, 1.5)
+    with pytest.raises(ValueError, match="size"):
+        T.SimCLRTransform(size=0)
+    x = (torch.rand(5, 3, 28, 28) * 255).to(torch.uint8)
+    views = T.SimCLRTransform(size=20)(x, torch.Generator().manual_seed(0))
+    assert views.shape == (5, 3, 20, 20)
+    assert T.SimCLRTransform()(x).shape == (5, 3, 28, 28)
+
+
 def test_rotate_90_matches_rot90() -> None:
     x = torch.rand(1, 1, 4, 4)
     rotated = T.affine(x, T.geometric_theta(angle_deg=torch.tensor([90.0])))
