@@ -364,17 +364,36 @@ STRONG_OPS: tuple[tuple[str, float, float], ...] = (
 )
 
 
+#: The operations of :data:`STRONG_OPS` that are affine warps (one ``grid_sample`` per batch).
+GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+
+
+def strong_op_theta(op: str, magnitudes: torch.Tensor) -> torch.Tensor:
+    """The ``(B, 2, 3)`` affine maps of a geometric op of :data:`GEOMETRIC_OPS`."""
+    zero = torch.zeros_like(magnitudes)
+    if op == "rotate":
+        return geometric_theta(angle_deg=magnitudes)
+    if op == "shear_x":
+        return geometric_theta(shear=(magnitudes, zero))
+    if op == "shear_y":
+        return geometric_theta(shear=(zero, magnitudes))
+    if op == "translate_x":
+        return geometric_theta(translate=(magnitudes, zero))
+    if op == "translate_y":
+        return geometric_theta(translate=(zero, magnitudes))
+    raise ValueError(f"'{op}' is not a geometric strong augmentation op.")
+
+
 def apply_strong_op(images: torch.Tensor, op: str, magnitudes: torch.Tensor) -> torch.Tensor:
     """Apply one of :data:`STRONG_OPS` with per-image magnitudes to float images in [0, 1]."""
-    zero = torch.zeros_like(magnitudes)
     if op == "identity":
         return images
+    if op in GEOMETRIC_OPS:
+        return affine(images, strong_op_theta(op, magnitudes))
     if op == "autocontrast":
         return autocontrast(images)
     if op == "equalize":
         return equalize(images)
-    if op == "rotate":
-        return affine(images, geometric_theta(angle_deg=magnitudes))
     if op == "solarize":
         return solarize(images, magnitudes)
     if op == "color":
@@ -387,14 +406,6 @@ def apply_strong_op(images: torch.Tensor, op: str, magnitudes: torch.Tensor) -> 
         return adjust_brightness(images, magnitudes)
     if op == "sharpness":
         return adjust_sharpness(images, magnitudes)
-    if op == "shear_x":
-        return affine(images, geometric_theta(shear=(magnitudes, zero)))
-    if op == "shear_y":
-        return affine(images, geometric_theta(shear=(zero, magnitudes)))
-    if op == "translate_x":
-        return affine(images, geometric_theta(translate=(magnitudes, zero)))
-    if op == "translate_y":
-        return affine(images, geometric_theta(translate=(zero, magnitudes)))
     raise ValueError(f"Unknown strong augmentation op '{op}'.")
 
 
@@ -458,17 +469,39 @@ class StrongTransform(nn.Module):
     ) -> torch.Tensor:
         x = to_float(images)
         n, _, h, w = x.shape
-        p = self.make_params(n, h, w, generator)
+        return normalize(self.transform(x, self.make_params(n, h, w, generator)))
+
+    def transform(self, x: torch.Tensor, p: StrongParams) -> torch.Tensor:
+        """The deterministic part: float images in [0, 1] and their parameters -> [0, 1].
+
+        In every slot each image gets one op. The images of each op are processed together,
+        and all images of the five geometric ops share one warp (an affine map per image), so a
+        slot costs at most ten kernel calls whatever the batch size.
+        """
+        _, _, h, w = x.shape
         x = resized_crop(x, p.boxes, p.flip)
+        geometric = torch.tensor([name in GEOMETRIC_OPS for name, _, _ in STRONG_OPS])
         for slot in range(self.num_ops):
-            column = p.ops[:, slot]
+            column, magnitudes = p.ops[:, slot], p.magnitudes[:, slot]
+            warped = geometric[column].nonzero().squeeze(1)
+            if len(warped):
+                theta = torch.empty(len(warped), 2, 3)
+                for op_index in column[warped].unique().tolist():
+                    of_op = (column[warped] == op_index).nonzero().squeeze(1)
+                    theta[of_op] = strong_op_theta(
+                        STRONG_OPS[op_index][0], magnitudes[warped[of_op]]
+                    )
+                rows = warped.to(x.device)
+                x.index_copy_(0, rows, affine(x.index_select(0, rows), theta))
             for op_index in column.unique().tolist():
-                rows = (column == op_index).nonzero().squeeze(1)
                 name = STRONG_OPS[op_index][0]
-                x[rows.to(x.device)] = apply_strong_op(
-                    x[rows.to(x.device)], name, p.magnitudes[rows, slot]
-                )
+                if name == "identity" or name in GEOMETRIC_OPS:
+                    continue
+                selected = (column == op_index).nonzero().squeeze(1)
+                rows = selected.to(x.device)
+                out = apply_strong_op(x.index_select(0, rows), name, magnitudes[selected])
+                x.index_copy_(0, rows, out)
         length = round(self.cutout_fraction * min(h, w))
         if length > 0:
             x = cutout(x, p.cutout_centers, length)
-        return normalize(x)
+        return x

@@ -155,6 +155,22 @@ def test_random_transforms_differ_between_calls() -> None:
         assert not torch.equal(t(x, g), t(x, g))
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_strong_transform_matches_ops_applied_image_by_image(channels: int) -> None:
+    """The batched strong augmentation equals applying each drawn op to each image alone."""
+    strong = T.StrongTransform()
+    x = torch.rand(40, channels, 12, 12)
+    params = strong.make_params(40, 12, 12, torch.Generator().manual_seed(3))
+    batched = strong.transform(x.clone(), params)
+    for i in range(40):
+        one = T.resized_crop(x[i : i + 1], params.boxes[i : i + 1], params.flip[i : i + 1])
+        for slot in range(strong.num_ops):
+            name = T.STRONG_OPS[int(params.ops[i, slot])][0]
+            one = T.apply_strong_op(one, name, params.magnitudes[i : i + 1, slot])
+        one = T.cutout(one, params.cutout_centers[i : i + 1], 6)
+        assert torch.allclose(batched[i : i + 1], one, atol=1e-5), f"image {i}"
+
+
 @pytest.mark.parametrize("op", [name for name, _, _ in T.STRONG_OPS])
 def test_every_strong_op_runs_on_both_channel_counts(op: str) -> None:
     for c in (1, 3):
