@@ -34,13 +34,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scan_core.config import SuperANDConfig, resolve_device
+from scan_core.config import SuperANDConfig, resolve_device, resolve_precision
 from scan_core.losses import ANDLoss, AUGLoss, UELoss
 from scan_core.models import EmbeddingHead, PretextModel, build_backbone
 from scan_core.pretext import PretextResult
 from scan_core.training import (
     EpochTimer,
     ProgressCallback,
+    autocast,
     iterate_batches,
     seed_everything,
     set_lr,
@@ -194,6 +195,7 @@ def train_superand(
     if n < 3:
         raise ValueError(f"Super-AND training needs at least 3 images, got {n}")
     device = resolve_device(config.device)
+    dtype = resolve_precision(config.precision, device)
     generator = seed_everything(config.seed)
     backbone = build_backbone(config.backbone, images.shape[1])
     model = PretextModel(backbone, EmbeddingHead(backbone.out_dim, config.feature_dim))
@@ -245,7 +247,8 @@ def train_superand(
             for idx in iterate_batches(n, batch_size, generator):
                 x = images[idx].to(device, non_blocking=True)
                 views = torch.cat([augment(x, generator), augment(x, generator)])
-                z = model(views.contiguous(memory_format=torch.channels_last))
+                with autocast(device, dtype):
+                    z = model(views.contiguous(memory_format=torch.channels_last)).float()
                 b = len(idx)
                 own = torch.cat([idx, idx]).to(device)
                 logits = bank.logits(z)

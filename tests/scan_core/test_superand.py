@@ -133,3 +133,25 @@ def test_superand_rejects_bad_input() -> None:
         train_superand(
             torch.zeros(2, 1, 16, 16, dtype=torch.uint8), SuperANDConfig(epochs=1, rounds=1)
         )
+
+
+@pytest.mark.parametrize(
+    ("precision", "expected"), [("fp32", torch.float32), ("bf16", torch.bfloat16)]
+)
+def test_superand_trains_in_the_configured_precision(precision: str, expected: torch.dtype) -> None:
+    """The convolutions run in the configured arithmetic; the weights stay float32."""
+    x, _ = synthetic(4)
+    seen: set[torch.dtype] = set()
+
+    def record(module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        if isinstance(module, torch.nn.Conv2d) and module.training:
+            seen.add(output.dtype)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        cfg = SuperANDConfig(epochs=1, rounds=1, batch_size=12, precision=precision)  # type: ignore[arg-type]
+        result = train_superand(x, cfg)
+    finally:
+        hook.remove()
+    assert seen == {expected}
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
