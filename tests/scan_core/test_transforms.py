@@ -120,9 +120,27 @@ def test_translate_moves_content() -> None:
 
 def test_cutout_square_is_clipped() -> None:
     x = torch.ones(2, 1, 6, 6)
-    out = T.cutout(x, torch.tensor([[0, 0], [3, 3]]), length=4, fill=0.0)
+    out = T.cutout(x, torch.tensor([[0, 0], [3, 3]]), 4, fill=0.0)
     assert int((out[0] == 0).sum()) == 4  # 2x2 left inside the image at the corner
     assert int((out[1] == 0).sum()) == 16
+
+
+def test_cutout_takes_a_side_per_image() -> None:
+    x = torch.ones(3, 1, 8, 8)
+    out = T.cutout(x, torch.tensor([[4, 4], [4, 4], [4, 4]]), torch.tensor([0, 1, 3]), fill=0.0)
+    assert [int((o == 0).sum()) for o in out] == [0, 1, 9]
+    assert out[2, 0, 3:6, 3:6].eq(0).all()  # rows/columns 4 - 3 // 2 = 3 .. 5
+
+
+def test_strong_cutout_side_is_uniform_up_to_the_fraction() -> None:
+    """As the official Cutout (``random.randint(1, length)``): every side from 1 to
+    ``cutout_fraction * size`` pixels, each about equally often."""
+    params = T.StrongTransform().make_params(28_000, 28, 28, torch.Generator().manual_seed(0))
+    counts = torch.bincount(params.cutout_lengths, minlength=15)
+    assert counts[0] == 0 and len(counts) == 15  # sides 1..14 (half of 28)
+    assert counts[1:].min() > 1700 and counts[1:].max() < 2300  # 2,000 expected each
+    none = T.StrongTransform(cutout_fraction=0.0).make_params(5, 28, 28, None)
+    assert none.cutout_lengths.eq(0).all()
 
 
 def test_crop_boxes_inside_image() -> None:
@@ -167,7 +185,7 @@ def test_strong_transform_matches_ops_applied_image_by_image(channels: int) -> N
         for slot in range(strong.num_ops):
             name = T.STRONG_OPS[int(params.ops[i, slot])][0]
             one = T.apply_strong_op(one, name, params.magnitudes[i : i + 1, slot])
-        one = T.cutout(one, params.cutout_centers[i : i + 1], 6)
+        one = T.cutout(one, params.cutout_centers[i : i + 1], params.cutout_lengths[i : i + 1])
         assert torch.allclose(batched[i : i + 1], one, atol=1e-5), f"image {i}"
 
 
