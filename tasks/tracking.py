@@ -6,8 +6,11 @@ of ``mlflow``'s fluent API is thread-local and Prefect may run tasks in other th
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,7 @@ import mlflow
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict
 
 from scan_core.training import EpochLog
@@ -48,13 +52,47 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+@contextlib.contextmanager
+def store_lock(tracking_uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a local sqlite store (``<db>.lock``); other URIs: no-op.
+
+    MLflow creates and migrates a sqlite store's tables on first use; two processes doing that
+    at once (two runs started together on a fresh state dir) fail with "duplicate column" or
+    "table already exists". The lock makes the first use one process at a time.
+    """
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix) or ":memory:" in tracking_uri:
+        yield
+        return
+    db = Path(tracking_uri[len(prefix) :].split("?", 1)[0])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | None = None) -> str:
-    """The id of experiment ``name``, created (with ``artifact_location``) when missing."""
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return str(experiment.experiment_id)
-    return str(client.create_experiment(name, artifact_location=artifact_location))
+    """The id of experiment ``name``, created (with ``artifact_location``) when missing.
+
+    Safe to call from several processes at once: the first use of a local sqlite store is
+    serialised (:func:`store_lock`), and a run that loses the race to create the experiment
+    (on any tracking server) takes the one the winner created.
+    """
+    with store_lock(tracking_uri):
+        client = MlflowClient(tracking_uri=tracking_uri)
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return str(experiment.experiment_id)
+        try:
+            return str(client.create_experiment(name, artifact_location=artifact_location))
+        except MlflowException:
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            return str(experiment.experiment_id)
 
 
 def start_parent_run(
