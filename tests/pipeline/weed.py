@@ -91,13 +91,19 @@ class WeedServer:
     def args(self) -> list[str]:
         """The command line."""
         extra = [f"-s3.config={self.config}"] if self.config else []
+        # glog files, unix sockets and the WebDAV chunk cache default to /tmp: keep them all in
+        # the data folder (WebDAV is off), so a run leaves nothing behind outside it
         return [
             weed_binary(),
+            "-logtostderr",
             "mini",
             f"-dir={self.data}",
             "-ip=127.0.0.1",
             "-ip.bind=127.0.0.1",
             "-master.telemetry=false",
+            "-webdav=false",
+            f"-s3.localSocket={self.data / 's3.sock'}",
+            f"-filer.localSocket={self.data / 'filer.sock'}",
             *extra,
             *(f"-{flag}={port}" for flag, port in self.ports.items()),
         ]
