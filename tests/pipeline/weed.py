@@ -92,7 +92,12 @@ class WeedServer:
         """The command line."""
         extra = [f"-s3.config={self.config}"] if self.config else []
         # glog files, unix sockets and the WebDAV chunk cache default to /tmp: keep them all in
-        # the data folder (WebDAV is off), so a run leaves nothing behind outside it
+        # the data folder (WebDAV is off), so a run leaves nothing behind outside it; a unix
+        # socket path has at most 107 bytes, so a deep data folder keeps weed's default ones
+        if len(str(self.data / "filer.sock").encode()) <= 107:
+            extra += [
+                f"-{name}.localSocket={self.data / (name + '.sock')}" for name in ("s3", "filer")
+            ]
         return [
             weed_binary(),
             "-logtostderr",
@@ -102,8 +107,6 @@ class WeedServer:
             "-ip.bind=127.0.0.1",
             "-master.telemetry=false",
             "-webdav=false",
-            f"-s3.localSocket={self.data / 's3.sock'}",
-            f"-filer.localSocket={self.data / 'filer.sock'}",
             *extra,
             *(f"-{flag}={port}" for flag, port in self.ports.items()),
         ]
