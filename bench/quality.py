@@ -24,8 +24,8 @@ pretext model per seed instead (slower, also measures pretext variance).
 
 Usage::
 
-    uv run python bench/quality.py               # full run, 3 seeds: ~2 h 20 min on 2 cores
-    uv run python bench/quality.py --seeds 1     # one seed: 69 min on 2 cores (2026-12-02)
+    uv run python bench/quality.py               # full run, 3 seeds: 46 min on 2 bf16 cores
+    uv run python bench/quality.py --seeds 1     # one seed: 69 min on 2 fp32 cores (2026-12-02)
     uv run python bench/quality.py --quick       # smoke test: 2,000 images, tiny epochs
     uv run python bench/quality.py --methods twostage,iic,scan_overcluster,auto_k --seeds 1 \
         --reuse-pretext                          # issue 7 rows, merged into the same files
@@ -63,6 +63,7 @@ from scan_core.config import (
     PipelineConfig,
     TwoStageConfig,
     resolve_device,
+    resolve_precision,
 )
 from scan_core.data import load_fashion_mnist
 from scan_core.evaluation import evaluate_clustering, kmeans, many_to_one_accuracy
@@ -126,6 +127,17 @@ PUBLISHED = [
 ]
 
 log = logging.getLogger("bench.quality")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 @dataclass
@@ -400,7 +412,9 @@ def write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
             f"## Run {number}: {', '.join(run['methods'])}",
             "",
             f"{run['n_images']:,} images (train + test), {run['clusters']} clusters, device "
-            f"`{run['device']}` ({run['cpu']}, {run['threads']} torch threads), seeds "
+            f"`{run['device']}` ({run['cpu']}, {run['threads']} torch threads"
+            + (f", {run['precision']}" if "precision" in run else "")
+            + "), seeds "
             f"{run['seeds']}; wall time of the whole run {run['total_seconds'] / 60:.1f} min"
             + (
                 f" + {run['pretext_train_seconds'] / 60:.1f} min of pretext training in the "
@@ -532,8 +546,12 @@ def main(argv: list[str] | None = None) -> int:
         "n_images": len(y),
         "clusters": k,
         "device": device_name,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
+        # what precision "auto" became here (bf16 where the CPU has AVX512-BF16 or AMX)
+        "precision": "bf16"
+        if resolve_precision(config.scan.precision, device) == torch.bfloat16
+        else "fp32",
         "seeds": seeds,
         "k": config.neighbors.k,
         "pretext_per_seed": args.pretext_per_seed,
