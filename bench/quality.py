@@ -140,6 +140,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def trained_precision(config: PipelineConfig, device: str) -> str:
+    """What each training stage's ``precision`` resolved to on ``device`` ("auto" is bf16 where
+    the CPU has AVX512-BF16 or AMX): one name when the stages agree, else one per stage."""
+    names = {
+        stage: "fp32"
+        if resolve_precision(getattr(config, stage).precision, device) is None
+        else "bf16"
+        for stage in ("pretext", "scan", "selflabel")
+    }
+    if len(set(names.values())) == 1:
+        return next(iter(names.values()))
+    return ", ".join(f"{stage} {name}" for stage, name in names.items())
+
+
 @dataclass
 class Trial:
     """One seed's result for one method."""
@@ -548,10 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_name,
         "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
-        # what precision "auto" became here (bf16 where the CPU has AVX512-BF16 or AMX)
-        "precision": "bf16"
-        if resolve_precision(config.scan.precision, device) == torch.bfloat16
-        else "fp32",
+        "precision": trained_precision(config, device),
         "seeds": seeds,
         "k": config.neighbors.k,
         "pretext_per_seed": args.pretext_per_seed,
