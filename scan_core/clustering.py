@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -40,6 +40,8 @@ class ScanResult:
     head_losses: list[float]
     history: list[EpochLog]
     val_indices: np.ndarray
+    #: Held-out SCAN loss of every warm-up head (empty without a warm-up).
+    warmup_losses: list[float] = field(default_factory=list)
 
 
 def split_validation(
@@ -92,13 +94,54 @@ def scan_validation_losses(
     p_anchor = probs(val_indices)
     nbr = neighbors[val_indices, :max_neighbors]  # (n_val, K)
     unique, inverse = np.unique(nbr, return_inverse=True)
-    p_unique = probs(unique)
-    p_nbr = p_unique[:, torch.as_tensor(inverse.reshape(nbr.shape))]  # (H, n_val, K, C)
-    similarity = (p_anchor.unsqueeze(2) * p_nbr).sum(-1).clamp_min(1e-8)
-    consistency = -torch.log(similarity).mean(dim=(1, 2))
+    index = torch.as_tensor(inverse.reshape(nbr.shape))
+    losses = heldout_scan_losses(p_anchor, probs(unique), index, entropy_weight)
+    return losses, p_anchor.argmax(dim=2).cpu().numpy()
+
+
+def heldout_scan_losses(
+    p_anchor: torch.Tensor,
+    p_pool: torch.Tensor,
+    neighbor_index: torch.Tensor,
+    entropy_weight: float,
+    chunk: int = 4096,
+) -> list[float]:
+    """The SCAN loss of every head from held-out predictions, without augmentation.
+
+    Args:
+        p_anchor: ``(H, n, C)`` probabilities of the held-out anchors.
+        p_pool: ``(H, M, C)`` probabilities of the images their neighbours are among.
+        neighbor_index: ``(n, K)`` rows of ``p_pool`` holding each anchor's neighbours.
+        entropy_weight: Weight of the entropy of the mean anchor prediction.
+        chunk: Anchors per step (bounds the ``(H, chunk, K, C)`` intermediate).
+
+    Returns:
+        ``mean -log <p(anchor), p(neighbour)> - entropy_weight * H(mean p(anchor))`` per head,
+        the mean over every (anchor, neighbour) pair.
+    """
+    log_sum = torch.zeros(p_anchor.shape[0], device=p_anchor.device)
+    for s in range(0, p_anchor.shape[1], chunk):
+        p_nbr = p_pool[:, neighbor_index[s : s + chunk]]  # (H, chunk, K, C)
+        similarity = (p_anchor[:, s : s + chunk].unsqueeze(2) * p_nbr).sum(-1)
+        log_sum += torch.log(similarity.clamp_min(1e-8)).sum(dim=(1, 2))
+    consistency = -log_sum / neighbor_index.numel()
     ent = entropy(p_anchor.mean(dim=1), dim=-1)
-    losses = consistency - entropy_weight * ent
-    return [float(v) for v in losses], p_anchor.argmax(dim=2).cpu().numpy()
+    return [float(v) for v in consistency - entropy_weight * ent]
+
+
+def feature_head_losses(
+    heads: nn.Module,
+    features: torch.Tensor,
+    neighbors: torch.Tensor,
+    val_indices: np.ndarray,
+    entropy_weight: float = VALIDATION_ENTROPY_WEIGHT,
+) -> list[float]:
+    """:func:`heldout_scan_losses` of cluster heads on precomputed backbone features ``(N, D)``
+    (every neighbour of every held-out anchor): the warm-up's head selection."""
+    with torch.no_grad():
+        probs = F.softmax(heads(features), dim=2)  # (H, N, C)
+    val = torch.as_tensor(val_indices)
+    return heldout_scan_losses(probs[:, val], probs, neighbors[val], entropy_weight)
 
 
 def backbone_features(
@@ -192,11 +235,32 @@ def train_scan(
     device = resolve_device(config.device)
     dtype = resolve_precision(config.precision, device)
     generator = seed_everything(config.seed)
+    warm_up = config.head_warmup_epochs > 0 and init_model is None
     if init_model is not None:
         model = copy.deepcopy(init_model)
     else:
-        model = ClusteringModel(copy.deepcopy(backbone), config.num_clusters, config.num_heads)
+        heads = max(config.warmup_heads, config.num_heads) if warm_up else config.num_heads
+        model = ClusteringModel(copy.deepcopy(backbone), config.num_clusters, heads)
     model = model.to(device).to(memory_format=torch.channels_last)
+    train_idx, val_idx = split_validation(n, config.val_fraction, generator)
+    monitor_idx = val_idx[:MONITOR_ANCHORS]
+    neighbors_t = torch.as_tensor(neighbors, dtype=torch.long)
+    k = neighbors.shape[1]
+    batch_size = min(config.batch_size, len(train_idx))
+    warmup_losses: list[float] = []
+    if warm_up:
+        features = backbone_features(model.backbone, images, device)
+        nbrs_dev = neighbors_t.to(device)
+        warm_up_heads(model, features, train_idx, nbrs_dev, config, generator, progress)
+        warmup_losses = feature_head_losses(model.cluster_heads, features, nbrs_dev, val_idx)
+        kept = [int(i) for i in np.argsort(warmup_losses)[: config.num_heads]]
+        model.keep_heads(kept)
+        logger.info(
+            "warm-up: kept head(s) %s of %d by held-out SCAN loss (%s)",
+            kept,
+            len(warmup_losses),
+            ", ".join(f"{v:.3f}" for v in warmup_losses),
+        )
     if not config.update_backbone:
         for p in model.backbone.parameters():
             p.requires_grad_(False)
@@ -204,16 +268,6 @@ def train_scan(
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     augment: nn.Module = StrongTransform() if config.augment == "strong" else WeakTransform()
     criterion = SCANLoss(config.entropy_weight)
-    train_idx, val_idx = split_validation(n, config.val_fraction, generator)
-    monitor_idx = val_idx[:MONITOR_ANCHORS]
-    neighbors_t = torch.as_tensor(neighbors, dtype=torch.long)
-    k = neighbors.shape[1]
-    batch_size = min(config.batch_size, len(train_idx))
-    if config.head_warmup_epochs > 0 and init_model is None:
-        features = backbone_features(model.backbone, images, device)
-        warm_up_heads(
-            model, features, train_idx, neighbors_t.to(device), config, generator, progress
-        )
     timer = EpochTimer("scan", config.epochs, progress)
     head_losses: list[float] = []
     for epoch in range(config.epochs):
@@ -272,4 +326,5 @@ def train_scan(
         head_losses=head_losses,
         history=timer.history,
         val_indices=val_idx,
+        warmup_losses=warmup_losses,
     )

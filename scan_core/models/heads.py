@@ -111,10 +111,17 @@ class ClusteringModel(nn.Module):
 
     def keep_head(self, index: int) -> None:
         """Keep only head ``index`` (the one with the lowest validation SCAN loss)."""
+        self.keep_heads([index])
+
+    def keep_heads(self, indices: list[int]) -> None:
+        """Keep only the heads ``indices``, in that order (e.g. the lowest-loss heads first)."""
         heads = self.cluster_heads.heads
-        if not 0 <= index < len(heads):
-            raise ValueError(f"head index {index} out of range for {len(heads)} heads")
-        self.cluster_heads.heads = nn.ModuleList([heads[index]])
+        if not indices:
+            raise ValueError("keep at least one head")
+        for index in indices:
+            if not 0 <= index < len(heads):
+                raise ValueError(f"head index {index} out of range for {len(heads)} heads")
+        self.cluster_heads.heads = nn.ModuleList([heads[i] for i in indices])
 
 
 class EmbeddingHead(nn.Module):

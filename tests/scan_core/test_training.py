@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from scan_core.clustering import split_validation, train_scan
+from scan_core.clustering import (
+    backbone_features,
+    feature_head_losses,
+    heldout_scan_losses,
+    split_validation,
+    train_scan,
+)
 from scan_core.config import PretextConfig, ScanConfig, SelfLabelConfig, resolve_precision
 from scan_core.inference import compute_embeddings, predict_probabilities
 from scan_core.models import ClusteringModel, SmallCNNBackbone
@@ -195,6 +201,74 @@ def test_head_warmup_alone_clusters_and_leaves_the_backbone_untouched() -> None:
     ):
         assert torch.equal(before, after)  # epochs=0: only the heads were trained
     assert accuracy(y, predict_probabilities(result.model, x).argmax(1)) >= 0.9
+
+
+def test_heldout_scan_losses_match_a_naive_computation_in_any_chunk_size() -> None:
+    g = torch.Generator().manual_seed(0)
+    pool = torch.softmax(torch.randn(3, 30, 4, generator=g), dim=2)  # (H, M, C)
+    anchors = np.array([0, 5, 7, 11, 29])
+    index = torch.randint(30, (5, 6), generator=g)  # each anchor's 6 neighbours in the pool
+    p, a = pool.numpy().astype(np.float64), pool[:, anchors]
+    for h in range(3):
+        pairs = [
+            -np.log(p[h, i] @ p[h, j])
+            for i, row in zip(anchors, index.numpy(), strict=True)
+            for j in row
+        ]
+        mean = p[h, anchors].mean(axis=0)
+        expected = np.mean(pairs) + 2.0 * (mean * np.log(mean)).sum()
+        for chunk in (1, 2, 4096):
+            got = heldout_scan_losses(a, pool, index, 2.0, chunk=chunk)[h]
+            assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_feature_head_losses_score_every_head_on_the_held_out_anchors() -> None:
+    features = torch.randn(40, 8, generator=torch.Generator().manual_seed(1))
+    neighbors = torch.randint(40, (40, 3), generator=torch.Generator().manual_seed(2))
+    model = ClusteringModel(SmallCNNBackbone(1, width=2), num_clusters=4, num_heads=3)
+    heads = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    model.cluster_heads.heads = torch.nn.ModuleList(heads)
+    val = np.array([1, 3, 30])
+    losses = feature_head_losses(model.cluster_heads, features, neighbors, val)
+    for h, head in enumerate(heads):
+        probs = torch.softmax(head(features), dim=1)[None].detach()
+        alone = heldout_scan_losses(probs[:, val], probs, neighbors[val], 1.0)
+        assert losses[h] == pytest.approx(alone[0])
+
+
+def test_warmup_restarts_keep_the_heads_with_the_lowest_heldout_loss() -> None:
+    x, y = synthetic(16)
+    backbone = SmallCNNBackbone(1, width=4)
+    logs: list[EpochLog] = []
+    cfg = ScanConfig(
+        num_clusters=3, num_heads=2, warmup_heads=5, head_warmup_epochs=3, epochs=1, batch_size=16
+    )
+    result = train_scan(x, same_class_neighbors(y, 3), backbone, cfg, progress=logs.append)
+    assert len(result.warmup_losses) == 5  # five random starts were scored
+    assert [log.stage for log in logs] == ["scan_warmup"] * 3 + ["scan"]
+    assert len(result.head_losses) == 2  # the two best went on to the full-network epoch
+    assert len(result.model.cluster_heads.heads) == 1
+
+    # without full-network epochs the kept head is the warm-up head of the lowest loss, unchanged
+    cfg = cfg.model_copy(update={"num_heads": 1, "epochs": 0})
+    result = train_scan(x, same_class_neighbors(y, 3), backbone, cfg)
+    features = backbone_features(result.model.backbone, x, "cpu")
+    neighbors = torch.as_tensor(same_class_neighbors(y, 3))
+    kept = feature_head_losses(result.model.cluster_heads, features, neighbors, result.val_indices)
+    assert kept[0] == pytest.approx(min(result.warmup_losses), rel=1e-5)
+    assert sorted(result.warmup_losses)[1] > min(result.warmup_losses)  # a real choice
+
+
+def test_keep_heads_keeps_the_named_heads_in_order() -> None:
+    model = ClusteringModel(SmallCNNBackbone(1, width=2), num_clusters=3, num_heads=4)
+    features = torch.randn(5, model.backbone.out_dim)
+    before = model.cluster_heads(features)
+    model.keep_heads([3, 1])
+    assert torch.equal(model.cluster_heads(features), before[[3, 1]])
+    with pytest.raises(ValueError, match="at least one"):
+        model.keep_heads([])
+    with pytest.raises(ValueError, match="out of range"):
+        model.keep_heads([2])
 
 
 def test_scan_config_needs_some_training() -> None:
