@@ -133,7 +133,7 @@ def bad_input(report: Report, work: Path, fashion: Any) -> None:
     clusters = committed_table(fs, "messy/ws", records["assign"], "assignments.parquet")
     assigned = dict(zip(clusters["uri"].to_pylist(), clusters["cluster"].to_pylist(), strict=True))
     for key, (_, fragment) in bad.items():
-        reason = reasons.get(f"s3://messy/lake/{key}")
+        reason = reasons.get(f"s3://messy/lake/{key}") or ""
         report.case(
             "bad input", f"`{key}`", f"quarantined: {reason}", bool(reason) and fragment in reason
         )
