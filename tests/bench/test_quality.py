@@ -34,6 +34,7 @@ def test_quick_run_writes_the_rows_and_merges_a_second_run(
         assert set(row) >= ROW_KEYS
         assert row["dataset"] == "fashion-mnist" and row["n_images"] == 1000 and row["seeds"] == [0]
         assert 0.1 <= row["acc"] <= 1 and row["seconds"] >= 0
+        assert row["acc_per_seed"] == [row["acc"]]
     markdown = (tmp_path / "quality_quick.md").read_text()
     assert "| scan_selflabel |" in markdown and "Published numbers" in markdown
 
