@@ -99,6 +99,31 @@ def scan_validation_losses(
     return losses, p_anchor.argmax(dim=2).cpu().numpy()
 
 
+def heldout_consistency(
+    p_anchor: torch.Tensor,
+    p_pool: torch.Tensor,
+    neighbor_index: torch.Tensor,
+    chunk: int = 4096,
+) -> torch.Tensor:
+    """SCAN's consistency term of every head from held-out predictions, without augmentation.
+
+    Args:
+        p_anchor: ``(H, n, C)`` probabilities of the held-out anchors.
+        p_pool: ``(H, M, C)`` probabilities of the images their neighbours are among.
+        neighbor_index: ``(n, K)`` rows of ``p_pool`` holding each anchor's neighbours.
+        chunk: Anchors per step (bounds the ``(H, chunk, K, C)`` intermediate).
+
+    Returns:
+        ``(H,)``: ``mean -log <p(anchor), p(neighbour)>`` over every (anchor, neighbour) pair.
+    """
+    log_sum = torch.zeros(p_anchor.shape[0], device=p_anchor.device)
+    for s in range(0, p_anchor.shape[1], chunk):
+        p_nbr = p_pool[:, neighbor_index[s : s + chunk]]  # (H, chunk, K, C)
+        similarity = (p_anchor[:, s : s + chunk].unsqueeze(2) * p_nbr).sum(-1)
+        log_sum += torch.log(similarity.clamp_min(1e-8)).sum(dim=(1, 2))
+    return -log_sum / neighbor_index.numel()
+
+
 def heldout_scan_losses(
     p_anchor: torch.Tensor,
     p_pool: torch.Tensor,
@@ -106,25 +131,9 @@ def heldout_scan_losses(
     entropy_weight: float,
     chunk: int = 4096,
 ) -> list[float]:
-    """The SCAN loss of every head from held-out predictions, without augmentation.
-
-    Args:
-        p_anchor: ``(H, n, C)`` probabilities of the held-out anchors.
-        p_pool: ``(H, M, C)`` probabilities of the images their neighbours are among.
-        neighbor_index: ``(n, K)`` rows of ``p_pool`` holding each anchor's neighbours.
-        entropy_weight: Weight of the entropy of the mean anchor prediction.
-        chunk: Anchors per step (bounds the ``(H, chunk, K, C)`` intermediate).
-
-    Returns:
-        ``mean -log <p(anchor), p(neighbour)> - entropy_weight * H(mean p(anchor))`` per head,
-        the mean over every (anchor, neighbour) pair.
-    """
-    log_sum = torch.zeros(p_anchor.shape[0], device=p_anchor.device)
-    for s in range(0, p_anchor.shape[1], chunk):
-        p_nbr = p_pool[:, neighbor_index[s : s + chunk]]  # (H, chunk, K, C)
-        similarity = (p_anchor[:, s : s + chunk].unsqueeze(2) * p_nbr).sum(-1)
-        log_sum += torch.log(similarity.clamp_min(1e-8)).sum(dim=(1, 2))
-    consistency = -log_sum / neighbor_index.numel()
+    """The SCAN loss of every head from held-out predictions (arguments as
+    :func:`heldout_consistency`): ``consistency - entropy_weight * H(mean p(anchor))``."""
+    consistency = heldout_consistency(p_anchor, p_pool, neighbor_index, chunk)
     ent = entropy(p_anchor.mean(dim=1), dim=-1)
     return [float(v) for v in consistency - entropy_weight * ent]
 

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from scipy.sparse.linalg import eigsh
 from sklearn.metrics import adjusted_rand_score
 
+from scan_core.clustering import heldout_consistency
 from scan_core.config import ClusterCountConfig
 from scan_core.losses import SCANLoss, entropy
 from scan_core.training import cosine_lr, set_lr
@@ -234,9 +235,7 @@ def score_cluster_counts(
         )
         probs = torch.as_tensor(heads.probabilities(features))  # (H, N, k)
         p_val = probs[:, val_idx]
-        p_nbr = probs[:, val_nbr]  # (H, n_val, K, k)
-        similarity = (p_val.unsqueeze(2) * p_nbr).sum(-1).clamp_min(1e-8)
-        consistency = -torch.log(similarity).mean(dim=(1, 2))
+        consistency = heldout_consistency(p_val, probs, torch.as_tensor(val_nbr))
         scan_loss = consistency - entropy(p_val.mean(dim=1), dim=-1)
         best = int(scan_loss.argmin())
         argmax = probs.argmax(dim=2).numpy()
