@@ -90,11 +90,10 @@ DATASET = "fashion-mnist"
 #: less than half the pretext time (README, Benchmarks). 60 pretext epochs instead of 30: SCAN
 #: 0.751 vs 0.722 (bench/results/pretext-60-epochs). Self-labeling with Adam 3e-5 instead of the
 #: official 1e-4: on Fashion-MNIST self-labeling lowers ACC at every step size tried, and the
-#: smaller step loses less (README, Benchmarks). 5 SCAN
-#: heads through the whole network, the lowest held-out loss kept: seed spread 0.5 points
-#: instead of 2.6 with one head (README, Benchmarks). 10 full-network SCAN epochs instead of 15
-#: to fit the 60-minute budget on a 2-core EPYC: 57.4 min instead of 65.5, SCAN 0.738 either
-#: way (3 seeds, README, Benchmarks).
+#: smaller step loses less (README, Benchmarks). 5 SCAN heads through the whole network, the
+#: lowest held-out loss kept: seed spread 0.5 points instead of 2.6 with one head (README,
+#: Benchmarks). 10 full-network SCAN epochs instead of 15 to fit the 60-minute budget on a
+#: 2-core EPYC: 57.4 min instead of 65.5, SCAN 0.738 either way (3 seeds, README, Benchmarks).
 FULL_SETTINGS: dict[str, Any] = {
     "pretext.epochs": 60,
     "pretext.batch_size": 128,
