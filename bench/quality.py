@@ -24,7 +24,7 @@ pretext model per seed instead (slower, also measures pretext variance).
 
 Usage::
 
-    uv run python bench/quality.py               # full run, 3 seeds: 66 min on 2 bf16 cores
+    uv run python bench/quality.py               # full run, 3 seeds: 57 min on 2 bf16 cores
     uv run python bench/quality.py --seeds 1     # one seed: 69 min on 2 fp32 cores (2026-12-02)
     uv run python bench/quality.py --quick       # smoke test: 2,000 images, tiny epochs
     uv run python bench/quality.py --methods twostage,iic,scan_overcluster,auto_k --seeds 1 \
