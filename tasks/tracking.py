@@ -210,12 +210,22 @@ def log_and_register_model(
             input_example=input_example,
             serialization_format="pt2",
             registered_model_name=registered_name,
-            pip_requirements=[f"torch=={torch.__version__}", f"mlflow=={mlflow.__version__}"],
+            pip_requirements=model_requirements(),
         )
     version = str(info.registered_model_version)
     if alias is not None:
         set_model_alias(ref, registered_name, version, alias)
     return version
+
+
+def model_requirements() -> list[str]:
+    """The logged model's pip requirements: torch and mlflow pinned to their public versions.
+
+    A CUDA build of torch reports ``2.14.1+cu130``; a local version label cannot be installed
+    from PyPI, and MLflow compares the pin with the installed distribution's version
+    (``2.14.1``) and warned of a mismatch on every run, so the label is dropped.
+    """
+    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
 
 
 def set_model_alias(

@@ -3,6 +3,7 @@ Prefect state names and MLflow tags. Tests run in file order and share the works
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import pytest
 import s3fs
@@ -80,7 +82,7 @@ def test_first_run_runs_every_stage(s3_setup: dict[str, Any]) -> None:
     assert ws.list_objects("_prefect")
 
 
-def test_first_run_is_tracked_in_mlflow(s3_setup: dict[str, Any]) -> None:
+def test_first_run_is_tracked_in_mlflow(s3_setup: dict[str, Any], tmp_path: Path) -> None:
     first = s3_setup["first"]
     client = MlflowClient(first["mlflow"]["tracking_uri"])
     parent = client.get_run(first["mlflow"]["parent_run_id"])
@@ -100,6 +102,15 @@ def test_first_run_is_tracked_in_mlflow(s3_setup: dict[str, Any]) -> None:
     assert s3_setup["fs"].find(f"{s3_setup['bucket']}/workspace/_mlflow")
     version = client.get_model_version_by_alias("scan-lake", "champion")
     assert str(version.version) == str(first["model_version"])
+    # the model pins torch's public version: a CUDA build's "+cu130" label is not on PyPI, and
+    # MLflow warned on every run that the pin did not match the installed distribution
+    model_uri = client.get_model_version_download_uri("scan-lake", version.version)
+    requirements = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"{model_uri}/requirements.txt",
+        tracking_uri=first["mlflow"]["tracking_uri"],
+        dst_path=str(tmp_path),
+    )
+    assert f"torch=={importlib.metadata.version('torch')}" in Path(requirements).read_text().split()
 
 
 def test_no_change_every_stage_cached(s3_setup: dict[str, Any]) -> None:
