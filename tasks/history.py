@@ -86,17 +86,26 @@ def history_dir(lake_url: str) -> str:
 def warm_scan_config(scan: ScanConfig, growth: GrowthConfig) -> ScanConfig:
     """The SCAN settings of a warm start: at most ``growth.warm_scan_epochs`` epochs (never more
     than ``scan.epochs``, at least one), one head (the previous model has one), no head warm-up
-    (the heads already cluster)."""
+    (the heads already cluster), the learning rate scaled by ``growth.warm_lr_scale``."""
     epochs = max(1, min(growth.warm_scan_epochs, scan.epochs))
     return ScanConfig.model_validate(
-        {**scan.model_dump(), "epochs": epochs, "num_heads": 1, "head_warmup_epochs": 0}
+        {
+            **scan.model_dump(),
+            "epochs": epochs,
+            "num_heads": 1,
+            "head_warmup_epochs": 0,
+            "lr": scan.lr * growth.warm_lr_scale,
+        }
     )
 
 
 def warm_selflabel_config(selflabel: SelfLabelConfig, growth: GrowthConfig) -> SelfLabelConfig:
-    """The self-labeling settings of a warm start: at most ``growth.warm_selflabel_epochs``."""
+    """The self-labeling settings of a warm start: at most ``growth.warm_selflabel_epochs``, the
+    learning rate scaled by ``growth.warm_lr_scale``."""
     epochs = min(growth.warm_selflabel_epochs, selflabel.epochs)
-    return SelfLabelConfig.model_validate({**selflabel.model_dump(), "epochs": epochs})
+    return SelfLabelConfig.model_validate(
+        {**selflabel.model_dump(), "epochs": epochs, "lr": selflabel.lr * growth.warm_lr_scale}
+    )
 
 
 def decide_growth(

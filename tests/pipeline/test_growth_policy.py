@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from scan_core.config import GrowthConfig, ScanConfig, SelfLabelConfig
 from scan_core.models import ClusteringModel, build_backbone
@@ -125,9 +126,15 @@ def test_cold_start_when_the_previous_model_does_not_fit(
 
 
 def test_warm_settings() -> None:
-    growth = GrowthConfig(warm_scan_epochs=5, warm_selflabel_epochs=2)
-    scan = warm_scan_config(ScanConfig(epochs=50, num_heads=10, head_warmup_epochs=20), growth)
+    growth = GrowthConfig(warm_scan_epochs=5, warm_selflabel_epochs=2, warm_lr_scale=0.25)
+    scan = warm_scan_config(
+        ScanConfig(epochs=50, num_heads=10, head_warmup_epochs=20, lr=2e-4), growth
+    )
     assert (scan.epochs, scan.num_heads, scan.head_warmup_epochs) == (5, 1, 0)
+    assert scan.lr == pytest.approx(5e-5)
+    assert warm_selflabel_config(SelfLabelConfig(lr=1e-4), growth).lr == pytest.approx(2.5e-5)
+    with pytest.raises(ValidationError):
+        GrowthConfig(warm_lr_scale=0)
     assert warm_scan_config(ScanConfig(epochs=3), growth).epochs == 3
     assert warm_scan_config(ScanConfig(epochs=0, head_warmup_epochs=5), growth).epochs == 1
     assert warm_selflabel_config(SelfLabelConfig(epochs=100), growth).epochs == 2
