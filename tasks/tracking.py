@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.metadata
 import logging
 import tempfile
 from collections.abc import Iterator
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import torch
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
@@ -219,13 +219,14 @@ def log_and_register_model(
 
 
 def model_requirements() -> list[str]:
-    """The logged model's pip requirements: torch and mlflow pinned to their public versions.
+    """The logged model's pip requirements: torch and mlflow pinned to the installed
+    distributions' versions.
 
-    A CUDA build of torch reports ``2.14.1+cu130``; a local version label cannot be installed
-    from PyPI, and MLflow compares the pin with the installed distribution's version
-    (``2.14.1``) and warned of a mismatch on every run, so the label is dropped.
+    Read from the package metadata, which MLflow checks the pins against: ``torch.__version__``
+    of a CUDA build is ``2.14.1+cu130``, a local version label that pip cannot install from
+    PyPI and that made MLflow warn of a mismatch on every run.
     """
-    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
+    return [f"{name}=={importlib.metadata.version(name)}" for name in ("torch", "mlflow")]
 
 
 def set_model_alias(
