@@ -43,6 +43,31 @@ class ScanResult:
     #: Held-out SCAN loss of every warm-up head (empty without a warm-up).
     warmup_losses: list[float] = field(default_factory=list)
 
+    @classmethod
+    def keep_best(
+        cls,
+        model: ClusteringModel,
+        head_losses: list[float],
+        history: list[EpochLog],
+        val_indices: np.ndarray,
+        warmup_losses: list[float] | None = None,
+    ) -> ScanResult:
+        """Keep the head with the lowest held-out loss; return the model on the CPU, trainable
+        (frozen heads unfrozen, so a later stage can fine-tune it) and in eval mode."""
+        best = int(np.argmin(head_losses))
+        model.keep_head(best)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.eval()
+        return cls(
+            model=model.cpu().to(memory_format=torch.contiguous_format),
+            best_head=best,
+            head_losses=head_losses,
+            history=history,
+            val_indices=val_indices,
+            warmup_losses=warmup_losses or [],
+        )
+
 
 def split_validation(
     n: int, fraction: float, generator: torch.Generator
@@ -324,16 +349,4 @@ def train_scan(
         timer.done(epoch + 1, metrics)
     # the head choice uses every held-out anchor and all its neighbours
     head_losses, _ = scan_validation_losses(model, images, neighbors, val_idx, device)
-    best = int(np.argmin(head_losses))
-    model.keep_head(best)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.eval()
-    return ScanResult(
-        model=model.cpu().to(memory_format=torch.contiguous_format),
-        best_head=best,
-        head_losses=head_losses,
-        history=timer.history,
-        val_indices=val_idx,
-        warmup_losses=warmup_losses,
-    )
+    return ScanResult.keep_best(model, head_losses, timer.history, val_idx, warmup_losses)

@@ -269,15 +269,4 @@ def train_twostage(
         if probe is not None:
             metrics.update(probe(val_idx, val_pred[best]))
         timer.done(epoch + 1, metrics)
-    best = int(np.argmin(head_losses))
-    model.keep_head(best)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.eval()
-    return ScanResult(
-        model=model.cpu().to(memory_format=torch.contiguous_format),
-        best_head=best,
-        head_losses=head_losses,
-        history=timer.history,
-        val_indices=val_idx,
-    )
+    return ScanResult.keep_best(model, head_losses, timer.history, val_idx)
