@@ -60,6 +60,14 @@ class LakeSnapshot(BaseModel):
     has_labels: bool
     labels_fingerprint: str | None
 
+    def summary(self) -> str:
+        """One log line: what the scan found and what it had to read and decode."""
+        return (
+            f"{self.num_objects} objects, {self.num_images} usable images "
+            f"({self.num_unique} unique), {self.num_quarantined} quarantined; "
+            f"read {self.num_read}, decoded {self.num_decoded}"
+        )
+
 
 def index_path(lake: Storage) -> str:
     """Workspace-relative path of the lake's index (previous scan, per lake URL)."""
@@ -243,16 +251,7 @@ def scan_lake_fn(lake_url: str, workspace_url: str, image_config: dict[str, Any]
         has_labels=labels_fp is not None,
         labels_fingerprint=labels_fp,
     )
-    logger.info(
-        "lake %s: %d objects, %d images (%d unique), %d quarantined; read %d, decoded %d",
-        lake.url,
-        snapshot.num_objects,
-        snapshot.num_images,
-        snapshot.num_unique,
-        snapshot.num_quarantined,
-        snapshot.num_read,
-        snapshot.num_decoded,
-    )
+    logger.info("lake %s: %s", lake.url, snapshot.summary())
     return snapshot
 
 
@@ -267,15 +266,7 @@ def scan_lake_fn(lake_url: str, workspace_url: str, image_config: dict[str, Any]
 def scan_lake(lake_url: str, workspace_url: str, image_config: dict[str, Any]) -> LakeSnapshot:
     """Prefect task around :func:`scan_lake_fn` (always runs; retries I/O failures)."""
     snapshot = scan_lake_fn(lake_url, workspace_url, image_config)
-    get_run_logger().info(
-        "lake scan: %d objects, %d usable (%d unique), %d quarantined, %d read, %d decoded",
-        snapshot.num_objects,
-        snapshot.num_images,
-        snapshot.num_unique,
-        snapshot.num_quarantined,
-        snapshot.num_read,
-        snapshot.num_decoded,
-    )
+    get_run_logger().info("lake scan: %s", snapshot.summary())
     return snapshot
 
 
