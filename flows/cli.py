@@ -1,12 +1,16 @@
-"""``scan-lake``: run the pipeline on a lake, or the demo, from the command line."""
+"""``scan-lake``: run the pipeline on a lake, or the demo, from the command line; export a run's
+cluster gallery."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from deployments.scan_lake import DEFAULT_CRON, DEPLOYMENT_NAME
-from tasks.errors import ScanLakeError, user_error
+from tasks.errors import ScanLakeError, stage_of, user_error
 from tasks.settings import MachineSettings, prepare_environment
 from tasks.storage import Storage
 
@@ -32,14 +36,34 @@ _CLUSTERS_HELP = (
     "Number of clusters (scan.num_clusters), or 'auto' to choose it without labels in "
     "cluster_count.k_min..k_max."
 )
+_SET_HELP = (
+    "Override one config key, KEY=VALUE (a YAML scalar); repeat it for several keys, e.g. "
+    "--set scan.epochs=20 --set pretext.backbone=resnet18."
+)
+_JSON_HELP = (
+    "Write the result as JSON to this file, or '-' for stdout (the tables are not printed "
+    'then). A failed run writes {"ok": false, "error": ..., "stage": ...}.'
+)
 state: dict[str, bool] = {"debug": False}
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"scan-lake {importlib.metadata.version('scan-lake')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _options(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
     state["debug"] = debug
 
@@ -155,10 +179,31 @@ def _report(result: dict[str, Any], settings: MachineSettings, seconds: float) -
         f"{counts['quarantined']} quarantined; stages run: "
         f"{', '.join(result['stages_run']) or 'none (all cached)'}; {seconds:.1f} s."
     )
+    console.print(f"Assignments: {escape(result['assignments'])}", soft_wrap=True)
+    if result.get("gallery"):
+        console.print(f"Gallery: {escape(result['gallery'])}", soft_wrap=True)
+    else:
+        console.print(
+            f"Gallery: not written ({escape(str(result.get('gallery_error')))}); "
+            "`scan-lake export` writes it.",
+            soft_wrap=True,
+        )
+    decision = result.get("promotion")
+    if decision:
+        console.print(
+            f"Model {escape(decision['registered_model'])} version {decision['version']}: "
+            f"{escape(decision['reason'])}.",
+            soft_wrap=True,
+        )
+    info = result["mlflow"]
+    if info.get("ui_command") is None or info["link"].startswith(("http://", "https://")):
+        where = f"MLflow run:  {info['link']}"
+    else:
+        where = f"MLflow UI:  {info['ui_command']}  (then open {info['link']})"
     console.print(
-        "\nMLflow UI:  uv run mlflow ui --backend-store-uri "
-        f"{settings.tracking_uri}  (then open the run {result['mlflow']['parent_run_id']})\n"
-        f"Prefect UI: PREFECT_HOME={os.environ['PREFECT_HOME']} uv run prefect server start"
+        f"\n{where}\n"
+        f"Prefect UI: PREFECT_HOME={os.environ['PREFECT_HOME']} uv run prefect server start",
+        soft_wrap=True,
     )
 
 
@@ -199,13 +244,63 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(2)
 
 
+@contextlib.contextmanager
+def _json_output(json_out: Path | None) -> Iterator[None]:
+    """With ``--json -`` everything but the JSON goes to stderr (progress bars, messages)."""
+    if json_out is None or str(json_out) != "-":
+        yield
+        return
+    console.file = sys.stderr
+    try:
+        yield
+    finally:
+        console.file = None  # type: ignore[assignment]  # back to the current sys.stdout
+
+
+def _write_json(json_out: Path, value: dict[str, Any]) -> None:
+    text = json.dumps(value, indent=2, default=str)
+    if str(json_out) == "-":
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    else:
+        json_out.write_text(text)
+
+
+def _failure(exc: BaseException) -> dict[str, Any]:
+    """The ``--json`` of a failed run: its one sentence and the stage it stopped in."""
+    message, status = _message(exc)
+    return {"ok": False, "error": message, "stage": stage_of(exc), "exit_status": status}
+
+
+def _stop(exc: Exception, json_out: Path | None) -> None:
+    """End a failed run: its ``--json`` (:func:`_failure`), its one sentence (the traceback with
+    ``--debug``) and the exit status."""
+    if json_out is not None:
+        _write_json(json_out, _failure(exc))
+    if state["debug"]:
+        raise exc
+    message, status = _message(exc)
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(status) from None
+
+
+def _finish(
+    result: dict[str, Any], settings: MachineSettings, seconds: float, json_out: Path | None
+) -> None:
+    result["ok"], result["seconds"] = True, seconds
+    if json_out is not None:
+        _write_json(json_out, result)
+    if json_out is None or str(json_out) != "-":
+        _report(result, settings, seconds)
+
+
 @app.command()
 def run(
     lake: Annotated[str, typer.Option(help="Lake URL: a folder or s3://bucket/prefix.")],
     workspace: Annotated[str, typer.Option(help="Workspace URL for artifacts and caches.")],
     clusters: Annotated[str | None, typer.Option(help=_CLUSTERS_HELP)] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key=value.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=_SET_HELP)] = None,
     retrain_pretext: Annotated[
         bool,
         typer.Option(
@@ -214,34 +309,32 @@ def run(
             "growth.retrain_pretext_after since the current one was trained.",
         ),
     ] = False,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help=_JSON_HELP)] = None,
 ) -> None:
     """Run the pipeline on LAKE, caching stages under WORKSPACE."""
-    try:
-        from tasks.config import build_config, parse_clusters, parse_overrides
+    with _json_output(json_out):
+        try:
+            from tasks.config import build_config, parse_clusters, parse_overrides
 
-        wanted = parse_clusters(clusters)
-        cfg = build_config(config, parse_overrides(set_ or []), wanted)
-        settings = MachineSettings()
-        Storage(lake, settings).check_reachable()  # fail fast, before Prefect starts
-        Storage(workspace, settings).check_reachable(create=True)
-        prepare_environment(settings)
-        start = time.perf_counter()
-        result = _run_flow(
-            lake,
-            workspace,
-            cfg.model_dump(mode="json"),
-            retrain_pretext,
-            "auto" if wanted == "auto" else None,
-        )
-        seconds = time.perf_counter() - start
-    except ScanLakeError as exc:
-        _fail(exc)
-        return
-    result["seconds"] = seconds
-    if json_out is not None:
-        json_out.write_text(json.dumps(result, indent=2, default=str))
-    _report(result, settings, seconds)
+            wanted = parse_clusters(clusters)
+            cfg = build_config(config, parse_overrides(set_ or []), wanted)
+            settings = MachineSettings()
+            Storage(lake, settings).check_reachable()  # fail fast, before Prefect starts
+            Storage(workspace, settings).check_reachable(create=True)
+            prepare_environment(settings)
+            start = time.perf_counter()
+            result = _run_flow(
+                lake,
+                workspace,
+                cfg.model_dump(mode="json"),
+                retrain_pretext,
+                "auto" if wanted == "auto" else None,
+            )
+            seconds = time.perf_counter() - start
+        except Exception as exc:
+            _stop(exc, json_out)
+            return
+        _finish(result, settings, seconds, json_out)
 
 
 @app.command()
@@ -251,31 +344,55 @@ def demo(
         "demo"
     ),
     config: Annotated[Path, typer.Option(help="YAML config file.")] = DEMO_CONFIG,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key=value.")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=_SET_HELP)] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help=_JSON_HELP)] = None,
 ) -> None:
     """Build a demo lake of Fashion-MNIST PNGs and run the whole pipeline on it."""
+    with _json_output(json_out):
+        try:
+            from tasks.config import build_config, parse_overrides
+
+            cfg = build_config(config, parse_overrides(set_ or []))
+            settings = MachineSettings()
+            prepare_environment(settings)
+            from flows.demo import write_demo_lake
+
+            lake, workspace = directory / "lake", directory / "workspace"
+            start = time.perf_counter()
+            written = write_demo_lake(str(lake), images)
+            console.print(f"demo lake {lake}: {images} Fashion-MNIST images ({written} written)")
+            result = _run_flow(str(lake), str(workspace), cfg.model_dump(mode="json"))
+            seconds = time.perf_counter() - start
+        except Exception as exc:
+            _stop(exc, json_out)
+            return
+        _finish(result, settings, seconds, json_out)
+
+
+@app.command()
+def export(
+    lake: Annotated[str, typer.Option(help="Lake URL, as the run was given it.")],
+    workspace: Annotated[str, typer.Option(help="Workspace URL of the run.")],
+    out: Annotated[
+        str, typer.Option(help="Folder or s3:// prefix for index.html, thumbnails and CSVs.")
+    ],
+    run_id: Annotated[
+        str | None,
+        typer.Option(
+            "--run",
+            help="Prefect flow run id or MLflow run id of the run (default: the lake's latest).",
+        ),
+    ] = None,
+) -> None:
+    """Write the cluster gallery of a finished run of LAKE: OUT/index.html (a static page)."""
     try:
-        from tasks.config import build_config, parse_overrides
+        from tasks.gallery import export_gallery
 
-        cfg = build_config(config, parse_overrides(set_ or []))
-        settings = MachineSettings()
-        prepare_environment(settings)
-        from flows.demo import write_demo_lake
-
-        lake, workspace = directory / "lake", directory / "workspace"
-        start = time.perf_counter()
-        written = write_demo_lake(str(lake), images)
-        console.print(f"demo lake {lake}: {images} Fashion-MNIST images ({written} written)")
-        result = _run_flow(str(lake), str(workspace), cfg.model_dump(mode="json"))
-        seconds = time.perf_counter() - start
+        index = export_gallery(lake, workspace, out, run_id)
     except ScanLakeError as exc:
         _fail(exc)
         return
-    result["seconds"] = seconds
-    if json_out is not None:
-        json_out.write_text(json.dumps(result, indent=2, default=str))
-    _report(result, settings, seconds)
+    console.print(f"Gallery: {escape(index)}", soft_wrap=True)
 
 
 _CRON_HELP = "Cron schedule of the re-clustering (server time zone)."
@@ -311,7 +428,7 @@ def serve(
     workspace: Annotated[str, typer.Option(help="Workspace URL for artifacts and caches.")],
     clusters: Annotated[str | None, typer.Option(help=_CLUSTERS_HELP)] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key=value.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=_SET_HELP)] = None,
     cron: Annotated[str, typer.Option(help=_CRON_HELP)] = DEFAULT_CRON,
     name: Annotated[str, typer.Option(help="Deployment name.")] = DEPLOYMENT_NAME,
 ) -> None:
@@ -341,7 +458,7 @@ def deploy(
     ),
     clusters: Annotated[str | None, typer.Option(help=_CLUSTERS_HELP)] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key=value.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=_SET_HELP)] = None,
     cron: Annotated[str, typer.Option(help=_CRON_HELP)] = DEFAULT_CRON,
     name: Annotated[str, typer.Option(help="Deployment name.")] = DEPLOYMENT_NAME,
 ) -> None:
@@ -365,20 +482,25 @@ def deploy(
     )
 
 
-def _exit_code(exc: Exception) -> int:
-    """Print the one sentence for ``exc`` and return the exit status: 2 when a user can fix the
-    cause, 1 for anything else (a bug, or a case not handled yet)."""
+def _message(exc: BaseException) -> tuple[str, int]:
+    """The one sentence for ``exc`` and the exit status: 2 when a user can fix the cause, 1 for
+    anything else (a bug, or a case not handled yet)."""
     known = user_error(exc)
     if known is not None:
-        console.print(f"[bold red]error:[/] {_sentence(known)}", soft_wrap=True)
-        return 2
-    detail = _sentence(exc)[:300]
-    console.print(
-        f"[bold red]error:[/] the run stopped on an unexpected {type(exc).__name__} ({detail}): "
-        "rerun with --debug for the traceback and report it; finished stages are kept.",
-        soft_wrap=True,
+        return " ".join(str(known).split()), 2
+    detail = " ".join(str(exc).split())[:300]
+    return (
+        f"the run stopped on an unexpected {type(exc).__name__} ({detail}): rerun with --debug "
+        "for the traceback and report it; finished stages are kept.",
+        1,
     )
-    return 1
+
+
+def _exit_code(exc: Exception) -> int:
+    """Print the one sentence for ``exc`` and return the exit status (:func:`_message`)."""
+    message, status = _message(exc)
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    return status
 
 
 def main() -> None:

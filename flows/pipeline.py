@@ -11,8 +11,10 @@ skipped, otherwise). ``clusters="auto"`` chooses the number of clusters after ne
 The flow only composes: it scans the lake (always), validates the request, plans what a growing
 lake builds on (the pretext backbone, a warm start, the run whose cluster ids to keep; DESIGN.md §2
 "Growing lakes"), computes every stage key, calls the tasks, notes which stages came from cache
-(MLflow runs tagged ``cached``), records the run for the next one and publishes a Markdown
-summary.
+(``stage.<name>.*`` tags of the MLflow parent run), records the run for the next one, promotes
+the registered model when the run passes the gate (:mod:`tasks.promotion`), writes the cluster
+gallery (:mod:`tasks.gallery`) and publishes a Markdown summary, tables and links in Prefect
+(:mod:`tasks.prefect_reports`).
 """
 
 from __future__ import annotations
@@ -20,21 +22,23 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
+from mlflow.exceptions import MlflowException
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ValidationError
 
 from scan_core.config import PipelineConfig
-from tasks import keys, tracking
-from tasks.assign import assign
+from tasks import keys, progress, promotion, tracking
+from tasks.assign import ASSIGNMENTS_FILE, assign
 from tasks.catalog import catalog
 from tasks.choose_k import choose_k
 from tasks.clustering import clustering_key, scan, stage_config
 from tasks.config import as_config
 from tasks.duplicates import duplicates
 from tasks.embed import embed
-from tasks.errors import ScanLakeError
+from tasks.errors import ScanLakeError, mark_stage
 from tasks.evaluate import evaluate
+from tasks.gallery import publish_run_gallery
 from tasks.history import (
     GrowthPlan,
     RunRecord,
@@ -47,6 +51,12 @@ from tasks.history import (
 )
 from tasks.lake import LakeSnapshot, scan_lake
 from tasks.neighbors import neighbors
+from tasks.prefect_reports import (
+    ProgressArtifacts,
+    library_logs_to_prefect,
+    publish_links,
+    publish_tables,
+)
 from tasks.pretext import PretextPlan, plan_pretext, pretext, pretext_stage_config
 from tasks.selflabel import selflabel
 from tasks.settings import MachineSettings
@@ -71,7 +81,8 @@ STAGES = (
 
 
 class StageRecord(BaseModel):
-    """How one stage went in this flow run."""
+    """How one stage went in this flow run: ``run_id`` is the MLflow run of a stage that ran,
+    ``source_run_id`` the run that made a cached stage's output."""
 
     stage: str
     key: str
@@ -125,25 +136,29 @@ class _Runner:
 
     def __call__(self, task_obj: Any, request: StageRequest, *inputs: Any) -> StageOutput:
         log = get_run_logger()
+        name = task_obj.name
         state = task_obj.with_options(result_storage=self.storage)(
             request, *inputs, return_state=True
         )
-        output: StageOutput = state.result()
+        try:
+            output: StageOutput = state.result()
+        except BaseException as exc:
+            mark_stage(exc, name)
+            raise
         cached = state.name == "Cached" or output.reused
-        name = task_obj.name
-        run_id = output.run_id
+        how = ""
         if cached:
             how = "Prefect cache" if state.name == "Cached" else "manifest"
             log.info("%s: cached (%s, key %s)", name, how, request.key[:12])
-            run_id = tracking.record_cached_stage(self.ref, name, request.key, output.run_id)
         else:
             log.info("%s: ran in %.1fs (key %s)", name, output.seconds, request.key[:12])
+        tracking.record_stage(self.ref, name, request.key, cached, output.run_id, how)
         self.records[name] = StageRecord(
             stage=name,
             key=request.key,
             state=str(state.name),
             cached=cached,
-            run_id=run_id,
+            run_id=None if cached else output.run_id,
             source_run_id=output.run_id if cached else None,
             seconds=output.seconds,
             summary=output.summary,
@@ -251,13 +266,38 @@ def clustering_markdown(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def mlflow_markdown(info: dict[str, Any]) -> str:
+    """The sentence that leads to the MLflow run: a link, or how to open a local store's UI."""
+    run_id, link = info["parent_run_id"], info["link"]
+    if info.get("ui_command") is None or link.startswith(("http://", "https://")):
+        return f"MLflow run [{run_id}]({link})"
+    return f"MLflow run `{run_id}` (open `{info['ui_command']}`, then `{link}`)"
+
+
+def outputs_markdown(result: dict[str, Any]) -> list[str]:
+    """Where the run's outputs are: assignments, gallery, registered model and its promotion."""
+    lines = [f"- Assignments: `{result['assignments']}`."]
+    if result.get("gallery"):
+        lines.append(f"- Cluster gallery: [{result['gallery']}]({result['gallery']}).")
+    elif result.get("gallery_error"):
+        lines.append(f"- Cluster gallery: not written ({result['gallery_error']}).")
+    decision = result.get("promotion")
+    if decision:
+        lines.append(
+            f"- Model `{decision['registered_model']}` version {decision['version']}: "
+            f"{decision['reason']}."
+        )
+    return lines
+
+
 def summary_markdown(result: dict[str, Any]) -> str:
     """The run's Markdown summary (Prefect artifact)."""
     lines = [
         f"# scan-lake run on `{result['lake']}`",
         "",
-        f"Workspace `{result['workspace']}`; MLflow run [{result['mlflow']['parent_run_id']}]"
-        f"({result['mlflow']['link']}).",
+        f"Workspace `{result['workspace']}`; {mlflow_markdown(result['mlflow'])}.",
+        "",
+        *outputs_markdown(result),
         "",
         f"Objects {result['counts']['objects']}, images {result['counts']['images']} "
         f"({result['counts']['unique_images']} unique), quarantined "
@@ -302,7 +342,8 @@ def scan_pipeline(
 
     Returns:
         A summary: stages (cached or not), stages_run, metrics, cluster ids and sizes, counts,
-        the backbone and warm/cold plan, churn and per-cluster growth, duplicates, MLflow ids.
+        the backbone and warm/cold plan, churn and per-cluster growth, duplicates, MLflow ids
+        and link, the assignments URI, the gallery URI and the promotion decision.
     """
     log = get_run_logger()
     settings = MachineSettings()
@@ -332,21 +373,120 @@ def scan_pipeline(
     ref = TrackingRef(
         tracking_uri=settings.tracking_uri, experiment_id=experiment_id, parent_run_id=parent
     )
+    reporter = ProgressArtifacts()
+    progress.add_reporter(reporter)
     try:
-        result = _run_stages(lake_store, ws, cfg, ref, retrain_pretext, flow_run_id, auto)
+        with library_logs_to_prefect():
+            _track_request(ref, cfg, clusters, retrain_pretext)
+            result = _run_stages(lake_store, ws, cfg, ref, retrain_pretext, flow_run_id, auto)
     except BaseException:
         tracking.end_run(ref, parent, ok=False)
         raise
+    finally:
+        progress.remove_reporter(reporter)
     tracking.log_metrics(ref, parent, result["metrics"])
     tracking.set_tags(ref, parent, {"stages_run": ",".join(result["stages_run"]) or "none"})
     tracking.end_run(ref, parent, ok=True)
+    _publish(result)
+    log.info("stages run: %s", ", ".join(result["stages_run"]) or "none (all cached)")
+    return result
+
+
+def _track_request(
+    ref: TrackingRef,
+    cfg: PipelineConfig,
+    clusters: int | Literal["auto"] | None,
+    retrain_pretext: bool,
+) -> None:
+    """The whole resolved config on the parent run (params and ``config.yaml``), and the flow's
+    other parameters (``clusters``: the number, ``auto`` or ``config``)."""
+    tracking.log_config(ref, ref.parent_run_id, cfg.model_dump(mode="json"))
+    tracking.log_params(
+        ref,
+        ref.parent_run_id,
+        {
+            "clusters": "config" if clusters is None else str(clusters),
+            "retrain_pretext": str(retrain_pretext).lower(),
+        },
+    )
+
+
+def _publish(result: dict[str, Any]) -> None:
+    """The run's Prefect artifacts: the Markdown summary, the metrics and cluster tables, and
+    links to the MLflow run (where the UI has an address), the assignments and the gallery."""
     create_markdown_artifact(
         key="scan-pipeline-summary",
         markdown=summary_markdown(result),
         description="scan-lake run summary",
     )
-    log.info("stages run: %s", ", ".join(result["stages_run"]) or "none (all cached)")
-    return result
+    publish_tables(result)
+    info = result["mlflow"]
+    links = {"scan-pipeline-assignments": (result["assignments"], "Assignments of the run")}
+    if info["link"].startswith(("http://", "https://")):
+        links["scan-pipeline-mlflow-run"] = (info["link"], f"MLflow run {info['parent_run_id']}")
+    if result.get("gallery"):
+        links["scan-pipeline-gallery"] = (result["gallery"], "Cluster gallery of the run")
+    publish_links(links)
+
+
+def _promote(
+    ref: TrackingRef,
+    registered_name: str,
+    cfg: PipelineConfig,
+    assign_output: StageOutput,
+    evaluation: StageOutput,
+    produced: bool,
+    record: dict[str, Any],
+    guard: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """Decide the promotion of the model version this run's assign stage registered
+    (:mod:`tasks.promotion`); a version from the cache keeps the decision of the run that made
+    it. Returns the decision for the result (None when no model was registered)."""
+    version = assign_output.summary.get("model_version")
+    if not registered_name or not version:
+        return None
+    out: dict[str, Any] = {"registered_model": registered_name, "version": str(version)}
+    if not produced:
+        try:
+            tags = ref.client().get_model_version(registered_name, str(version)).tags
+        except MlflowException:
+            tags = {}
+        earlier = tags.get("promotion.reason", "no decision recorded")
+        return {
+            **out,
+            "decided": False,
+            "promoted": tags.get("promoted") == "true",
+            "reason": f"decided by the run that made it (assign stage from cache): {earlier}",
+        }
+    decision = promotion.decide(
+        evaluation.summary["cluster_sizes"],
+        guard,
+        cfg.promotion,
+        evaluation.summary.get("cluster_ids"),
+    )
+    tags = promotion.version_tags(decision, guard, evaluation.summary.get("metrics", {}), record)
+    promotion.promote(ref, registered_name, str(version), decision, tags)
+    tracking.set_tags(
+        ref,
+        ref.parent_run_id,
+        {"promotion.promoted": str(decision.promote).lower(), "promotion.reason": decision.reason},
+    )
+    return {**out, "decided": True, "promoted": decision.promote, "reason": decision.reason}
+
+
+def _gallery(
+    lake: Storage, ws: Storage, record: RunRecord, ref: TrackingRef
+) -> tuple[str | None, str | None]:
+    """Write the run's gallery; ``(index URI, None)``, or ``(None, why not)``: the run's outputs
+    are all committed by now, so a gallery that cannot be written does not fail the run."""
+    try:
+        return publish_run_gallery(lake, ws, record, ref), None
+    except Exception as exc:
+        why = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        get_run_logger().warning(
+            "the cluster gallery was not written (%s): `scan-lake export` writes it later", why
+        )
+        return None, why
 
 
 def _track_growth(
@@ -441,6 +581,18 @@ def _run_stages(
         ref,
         ref.parent_run_id,
         {"lake_fingerprint": snapshot.images_key, "catalog_key": snapshot.catalog_key},
+    )
+    tracking.log_lake_input(
+        ref,
+        ref.parent_run_id,
+        lake.url,
+        snapshot.images_key,
+        {
+            "objects": snapshot.num_objects,
+            "images": snapshot.num_images,
+            "unique_images": snapshot.num_unique,
+            "quarantined": snapshot.num_quarantined,
+        },
     )
     tracking.log_metrics(
         ref,
@@ -598,6 +750,7 @@ def _run_stages(
         "device": cfg.scan.device,
         "batch_size": 1024,
         "registered_model": settings.registered_model,
+        "lake": lake.url,
     }
     assign_inputs = {"model": model.key, "catalog": cat.key}
     if plan.relabel_from is not None:
@@ -618,18 +771,38 @@ def _run_stages(
     _track_growth(
         ref, run.records["pretext"].run_id, pretext_plan, plan, embedded, lineage, dup_counts
     )
-    record_run(
-        ws.url,
-        RunRecord(
-            lake=lake.url,
-            signature=signature,
-            plan=plan,
-            assign=asg,
-            flow_run_id=flow_run_id,
-            mlflow_run_id=ref.parent_run_id,
-            finished_at=now(),
-        ),
+    assignments = ws.uri(f"{asg.rel_dir}/{ASSIGNMENTS_FILE}")
+    decision = _promote(
+        ref,
+        settings.registered_model,
+        cfg,
+        asg,
+        ev,
+        not run.records["assign"].cached,
+        {
+            "lake": lake.url,
+            "lake_fingerprint": snapshot.images_key,
+            "mlflow_run_id": ref.parent_run_id,
+            "prefect.flow_run_id": flow_run_id,
+            "assign_key": asg.key,
+            "assignments": assignments,
+            "cluster_ids": ev.summary.get("cluster_ids", []),
+            "cluster_sizes": ev.summary.get("cluster_sizes", []),
+        },
     )
+    record = RunRecord(
+        lake=lake.url,
+        signature=signature,
+        plan=plan,
+        assign=asg,
+        flow_run_id=flow_run_id,
+        mlflow_run_id=ref.parent_run_id,
+        finished_at=now(),
+        evaluate=ev,
+        duplicates=dup,
+    )
+    record_run(ws.url, record)
+    gallery, gallery_error = _gallery(lake, ws, record, ref)
 
     records = [run.records[name] for name in STAGES if name in run.records]
     return {
@@ -672,10 +845,17 @@ def _run_stages(
         "duplicates": dup_counts,
         "duplicates_report": ws.uri(f"{dup.rel_dir}/duplicates.parquet"),
         "model_version": asg.summary.get("model_version"),
+        "promotion": decision,
+        "assignments": assignments,
+        "gallery": gallery,
+        "gallery_error": gallery_error,
         "mlflow": {
             "tracking_uri": ref.tracking_uri,
             "experiment_id": ref.experiment_id,
             "parent_run_id": ref.parent_run_id,
-            "link": tracking.run_link(ref.tracking_uri, ref.experiment_id, ref.parent_run_id),
+            "link": tracking.run_link(
+                ref.tracking_uri, ref.experiment_id, ref.parent_run_id, settings.mlflow_ui_url
+            ),
+            "ui_command": tracking.ui_command(ref.tracking_uri),
         },
     }

@@ -195,6 +195,30 @@ class DuplicatesConfig(StageConfig):
     near_threshold: float = Field(0.98, gt=0, le=1)
 
 
+class PromotionConfig(StageConfig):
+    """When a run's registered model becomes the ``champion`` (``tasks/promotion.py``); no stage
+    key depends on it.
+
+    A run is promoted when no cluster is empty (``allowed_empty_clusters``), its clusters are
+    not collapsed, and (where the
+    run compared its partition with K-means without labels) the trained model's partition was
+    kept. Collapse is measured by the *balance* of the cluster sizes: the effective number of
+    clusters ``exp(H)`` (``H`` the entropy of the size distribution; SCAN's entropy term
+    maximises the same quantity on the mean prediction) divided by the number of clusters. It
+    is 1 for equal sizes and ``m / k`` when ``m`` of ``k`` clusters share the images equally;
+    one class holding 40% of the images and nine equal ones the rest gives 0.73.
+
+    Attributes:
+        min_balance: Smallest balance promoted; the default refuses a model that effectively
+            uses fewer than half of its clusters.
+        allowed_empty_clusters: Empty clusters a promoted model may have (raise it only for
+            deliberate overclustering).
+    """
+
+    min_balance: float = Field(0.5, ge=0, le=1)
+    allowed_empty_clusters: int = Field(0, ge=0)
+
+
 ClusteringMethod = Literal["scan", "twostage", "iic", "kmeans"]
 
 
@@ -328,6 +352,7 @@ class PipelineConfig(StageConfig):
     twostage: TwoStageSettings = TwoStageSettings()
     kmeans: KMeansConfig = KMeansConfig()
     cluster_count: ClusterCountConfig = ClusterCountConfig()
+    promotion: PromotionConfig = PromotionConfig()
 
     @model_validator(mode="after")
     def _check_consistency(self) -> PipelineConfig:

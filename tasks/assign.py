@@ -1,5 +1,7 @@
 """Assign stage: cluster probabilities of every image, joined back to every lake object, under
-stable cluster ids; the final model is logged to MLflow and registered.
+stable cluster ids; the final model is logged to MLflow as a servable pyfunc model
+(:mod:`tasks.serving`) and registered (the flow promotes it after evaluation,
+:mod:`tasks.promotion`).
 
 Stable ids (DESIGN.md §2, "Growing lakes"): the clusters are matched to those of the previous run
 of the lake on the images both runs share (:mod:`tasks.lineage`), and the model's outputs are
@@ -18,12 +20,11 @@ from prefect import task
 
 from scan_core.config import ImageConfig
 from scan_core.inference import predict_probabilities
-from scan_core.transforms import IdentityTransform
-from tasks import checkpoints, tracking
+from tasks import checkpoints, serving, tracking
 from tasks.catalog import read_catalog
 from tasks.lake import unique_ids
 from tasks.lineage import ClusterMatch, churn, cluster_growth, first_ids, match_clusters
-from tasks.pixels import load_pixels
+from tasks.pixels import load_pixels, png_bytes
 from tasks.schemas import ASSIGNMENTS, CLUSTER_LINEAGE
 from tasks.stage import STAGE_TASK_OPTIONS, StageOutput, StageRequest, StageRun, run_stage
 from tasks.storage import Storage
@@ -76,12 +77,13 @@ def assign_fn(
     """Predict clusters with the final model (selflabel's, or scan's when self-labeling is off),
     under ids matched to ``previous`` (the previous run's assign stage, part of the stage key).
 
-    ``request.config``: ``device``, ``batch_size`` and ``registered_model`` (name to register the
-    model under; empty to skip registration). The registered version becomes ``champion`` only
-    when this run's commit of the stage wins: a run that loses the commit to a concurrent one
-    (:meth:`tasks.stage.StageRun.finish`) leaves the alias on the winner's version.
+    ``request.config``: ``device``, ``batch_size``, ``registered_model`` (name to register the
+    model under; empty to skip registration) and ``lake`` (the lake URL, where the served model
+    may read ``uri`` inputs). The registered version gets no alias here: the flow promotes the
+    committed version after evaluation. A run that loses the commit to a concurrent one
+    (:meth:`tasks.stage.StageRun.finish`) tags the version it registered ``promoted=false``.
     """
-    own_run: list[str] = []
+    own: dict[str, str] = {}  # MLflow run id -> version registered by this call
 
     def body(run: StageRun) -> dict[str, Any]:
         image_config = ImageConfig.model_validate(catalog.summary["image_config"])
@@ -151,18 +153,39 @@ def assign_fn(
         )
         name = str(request.config.get("registered_model") or "")
         if name and request.tracking is not None and run.run_id is not None:
-            example = IdentityTransform()(images[:2]).numpy()  # the model's input
-            summary["registered_model"] = name
-            summary["model_version"] = tracking.log_and_register_model(
-                request.tracking, run.run_id, network, example, name, alias=None
+            served = serving.ServingDescription(
+                cluster_ids=cluster_ids.tolist(),
+                image=image_config,
+                lake=str(request.config.get("lake") or ""),
             )
-            own_run.append(run.run_id)
+            summary["registered_model"] = name
+            summary["model_version"] = serving.log_servable_model(
+                request.tracking,
+                run.run_id,
+                network,
+                description,
+                served,
+                png_bytes(images[0]),
+                name,
+            )
+            own[run.run_id] = summary["model_version"]
         return summary
 
     output = run_stage(request, body)
-    version = output.summary.get("model_version")
-    if request.tracking is not None and version and output.run_id in own_run:
-        tracking.set_model_alias(request.tracking, output.summary["registered_model"], version)
+    lost = {run_id: v for run_id, v in own.items() if run_id != output.run_id}
+    if request.tracking is not None and lost:
+        name = str(request.config.get("registered_model"))
+        for version in lost.values():
+            tracking.set_version_tags(
+                request.tracking,
+                name,
+                version,
+                {
+                    "promoted": "false",
+                    "promotion.reason": "another run committed this assign stage first; its "
+                    f"model version {output.summary.get('model_version')} is the one in use",
+                },
+            )
     return output
 
 

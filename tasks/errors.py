@@ -105,3 +105,23 @@ def user_error(exc: BaseException) -> ScanLakeError | None:
                 "and SCAN_LAKE_STATE_DIR elsewhere, then rerun the same command."
             )
     return None
+
+
+#: Attribute that names the stage an exception stopped the flow in (:func:`mark_stage`).
+STAGE_ATTRIBUTE = "scan_lake_stage"
+
+
+def mark_stage(exc: BaseException, stage: str) -> None:
+    """Note on ``exc`` that it stopped stage ``stage`` (kept when already noted: the innermost
+    stage wins)."""
+    if getattr(exc, STAGE_ATTRIBUTE, None) is None:
+        setattr(exc, STAGE_ATTRIBUTE, stage)
+
+
+def stage_of(exc: BaseException) -> str | None:
+    """The stage ``exc`` (or what caused it) stopped, if :func:`mark_stage` noted one."""
+    for item in _chain(exc):
+        stage = getattr(item, STAGE_ATTRIBUTE, None)
+        if isinstance(stage, str):
+            return stage
+    return None

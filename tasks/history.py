@@ -31,6 +31,7 @@ from prefect.exceptions import MissingContextError
 from pydantic import BaseModel, ConfigDict
 
 from scan_core.config import GrowthConfig, ScanConfig, SelfLabelConfig
+from tasks.errors import ScanLakeError
 from tasks.stage import MANIFEST, StageOutput, retry_on_io
 from tasks.storage import Storage
 
@@ -65,7 +66,8 @@ class GrowthPlan(BaseModel):
 
 
 class RunRecord(BaseModel):
-    """One finished flow run of a lake, as the next run needs it."""
+    """One finished flow run of a lake, as the next run needs it (and the run's gallery,
+    :mod:`tasks.gallery`: its evaluate and duplicates stages, absent from older records)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -76,6 +78,8 @@ class RunRecord(BaseModel):
     flow_run_id: str
     mlflow_run_id: str
     finished_at: str
+    evaluate: StageOutput | None = None
+    duplicates: StageOutput | None = None
 
 
 def history_dir(lake_url: str) -> str:
@@ -176,6 +180,43 @@ def load_previous(workspace: Storage, lake_url: str) -> tuple[RunRecord | None, 
     if not workspace.exists(f"{assign.stage}/{assign.key}/{MANIFEST}"):
         return None, f"the last run's assign stage {assign.key[:12]} is gone; starting cold"
     return record, ""
+
+
+def find_record(workspace: Storage, lake_url: str, run_id: str | None = None) -> RunRecord:
+    """The lake's latest finished run, or the one whose Prefect flow run id or MLflow run id is
+    ``run_id``.
+
+    Raises:
+        ScanLakeError: no finished run of the lake in the workspace, no run ``run_id``, or an
+            unreadable record.
+    """
+    folder = history_dir(lake_url)
+    if run_id is None:
+        paths = [f"{folder}/{LATEST}"] if workspace.exists(f"{folder}/{LATEST}") else []
+    else:
+        paths = sorted(
+            (o.key for o in workspace.list_objects(f"{folder}/runs") if o.key.endswith(".json")),
+            reverse=True,
+        )
+    if not paths:
+        raise ScanLakeError(
+            f"The workspace {workspace.url} holds no finished run of the lake {lake_url}: run "
+            "`scan-lake run` on it first, and pass --lake exactly as that run did."
+        )
+    for rel in paths:
+        try:
+            record = RunRecord.model_validate(workspace.read_json(rel))
+        except ValueError as exc:
+            raise ScanLakeError(
+                f"The run record {workspace.uri(rel)} is unreadable ({type(exc).__name__}): "
+                "rerun the pipeline on the lake to write a new one."
+            ) from exc
+        if run_id is None or run_id in (record.flow_run_id, record.mlflow_run_id):
+            return record
+    raise ScanLakeError(
+        f"No finished run {run_id} of the lake {lake_url} in {workspace.url}: pass a Prefect "
+        "flow run id or MLflow run id of one of its runs, or leave --run out for the latest."
+    )
 
 
 def _log() -> Any:

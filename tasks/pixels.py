@@ -96,3 +96,12 @@ def load_pixels(
             f"store {store_dir(image_config_key)}: delete that folder and rerun the pipeline."
         )
     return torch.from_numpy(out)
+
+
+def png_bytes(pixels: torch.Tensor) -> bytes:
+    """PNG bytes of one decoded image, uint8 ``(channels, size, size)`` as the store holds it
+    (greyscale for one channel, RGB for three)."""
+    from scan_core.data import encode_png
+
+    array = pixels.numpy()
+    return encode_png(array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0).copy())

@@ -28,7 +28,12 @@ class MachineSettings(BaseSettings):
         mlflow_experiment: Experiment that receives the runs.
         mlflow_artifact_location: Artifact root for a new experiment; default: the MLflow
             default for a local workspace, ``<workspace>/_mlflow`` for an ``s3://`` one.
+        mlflow_ui_url: Where the MLflow UI of a local store is served (e.g.
+            ``http://127.0.0.1:5000`` after ``mlflow ui --backend-store-uri ...``), for links to
+            runs; an ``http(s)://`` tracking URI is its own UI.
         registered_model: Name of the registered model the final model is registered under.
+        serving_uri_roots: Comma-separated folders or ``s3://`` prefixes besides the run's lake
+            that the served model may read ``uri`` inputs from (:mod:`tasks.serving`).
         read_batch: Objects read concurrently per batch while cataloguing.
         max_object_bytes: Lake objects larger than this are quarantined without being read.
         io_attempts: Tries of one object-store call that fails for lack of a connection (the
@@ -50,7 +55,9 @@ class MachineSettings(BaseSettings):
     mlflow_tracking_uri: str | None = None
     mlflow_experiment: str = "scan-lake"
     mlflow_artifact_location: str | None = None
+    mlflow_ui_url: str | None = None
     registered_model: str = "scan-lake"
+    serving_uri_roots: str = ""
     read_batch: int = Field(512, ge=1)
     max_object_bytes: int = Field(512 * 2**20, ge=1)
     io_attempts: int = Field(4, ge=1)
@@ -72,6 +79,10 @@ class MachineSettings(BaseSettings):
     def prefect_home(self) -> Path:
         """``PREFECT_HOME`` when the user set one, else ``<state_dir>/prefect``."""
         return Path(os.environ.get("PREFECT_HOME") or self.state_dir.resolve() / "prefect")
+
+    def serving_roots(self) -> list[str]:
+        """The extra roots of ``serving_uri_roots``, without blanks."""
+        return [root.strip() for root in self.serving_uri_roots.split(",") if root.strip()]
 
     def s3_options(self) -> dict[str, object]:
         """Keyword arguments for ``s3fs.S3FileSystem`` (endpoint, credentials, short timeouts)."""
@@ -107,7 +118,9 @@ def prepare_environment(settings: MachineSettings) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # our modules' records (storage retries, lake scan) reach the Prefect run logs too
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
+    # our modules' records (storage retries, lake scan, training) reach the Prefect run logs
+    # too; the flow also attaches Prefect's API handler to them itself (tasks/prefect_reports.py)
+    # for processes that did not set this before importing Prefect (workers)
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,scan_core")
     if settings.s3_endpoint_url:
         os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", settings.s3_endpoint_url)

@@ -23,9 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from prefect import get_run_logger
 from prefect.context import TaskRunContext
-from prefect.exceptions import MissingContextError
 from pydantic import BaseModel, ConfigDict, Field
 
 from scan_core.training import EpochLog
@@ -145,18 +143,13 @@ class StageRun:
             tracking.log_metrics(self.request.tracking, self.run_id, metrics, step)
 
     def on_epoch(self, log: EpochLog) -> None:
-        """Progress callback for scan_core training loops: MLflow metrics and progress bars."""
+        """Progress callback for scan_core training loops: MLflow metrics and progress reports
+        (the epoch's log line is scan_core's own, which reaches the run's logs,
+        :mod:`tasks.prefect_reports`)."""
         if self.request.tracking is not None and self.run_id is not None:
             tracking.log_epoch(self.request.tracking, self.run_id, log)
         shown = " ".join(f"{k}={v:.4g}" for k, v in log.metrics.items())
         progress.report(self.request.stage, log.epoch, log.epochs, shown)
-        try:
-            run_logger: Any = get_run_logger()
-        except MissingContextError:
-            run_logger = logger
-        run_logger.info(
-            "%s epoch %d/%d %s (%.1fs)", log.stage, log.epoch, log.epochs, shown, log.seconds
-        )
 
     def on_batch(self, done: int, total: int) -> None:
         """Progress callback for batched inference."""

@@ -46,10 +46,22 @@ def states(result: dict[str, Any]) -> dict[str, str]:
 
 
 def nested_runs(result: dict[str, Any]) -> dict[str, Any]:
-    """Stage -> MLflow nested run of this flow run."""
+    """Stage -> MLflow nested run of this flow run (stages that ran; cached ones have none)."""
     client = MlflowClient(result["mlflow"]["tracking_uri"])
     parent = result["mlflow"]["parent_run_id"]
     runs = client.search_runs(
         [result["mlflow"]["experiment_id"]], f"tags.mlflow.parentRunId = '{parent}'"
     )
     return {r.data.tags["stage"]: r for r in runs}
+
+
+def stage_tags(result: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Stage -> its ``stage.<name>.*`` tags on the flow run's MLflow parent run."""
+    client = MlflowClient(result["mlflow"]["tracking_uri"])
+    tags = client.get_run(result["mlflow"]["parent_run_id"]).data.tags
+    out: dict[str, dict[str, str]] = {}
+    for key, value in tags.items():
+        if key.startswith("stage."):
+            stage, _, field = key[len("stage.") :].partition(".")
+            out.setdefault(stage, {})[field] = value
+    return out

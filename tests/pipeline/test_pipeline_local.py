@@ -14,7 +14,7 @@ import pytest
 
 from scan_core.data import lake_key
 from tests.pipeline.conftest import lake_contents, write_local
-from tests.pipeline.helpers import ALL_STAGES, nested_runs, run_pipeline, states
+from tests.pipeline.helpers import ALL_STAGES, nested_runs, run_pipeline, stage_tags, states
 
 pytestmark = pytest.mark.integration
 
@@ -54,9 +54,12 @@ def test_manifest_reused_when_prefect_cache_records_are_gone(local_setup: dict[s
     assert again["stages_run"] == []
     assert set(states(again).values()) == {"Completed"}  # ran, found the manifest, reused it
     first_ids = {r["stage"]: r["run_id"] for r in local_setup["first"]["stages"]}
-    for stage, run in nested_runs(again).items():
-        assert run.data.tags["cached"] == "true"
-        assert run.data.tags["source_run_id"] == first_ids[stage]
+    assert nested_runs(again) == {}  # no empty "(cached)" runs
+    tags = stage_tags(again)
+    assert set(tags) == set(ALL_STAGES)
+    for stage, tag in tags.items():
+        assert tag["cached"] == "true" and tag["cache"] == "manifest"
+        assert tag["source_run_id"] == first_ids[stage]
     third = run_pipeline(str(local_setup["lake"]), str(local_setup["workspace"]))
     assert set(states(third).values()) == {"Cached"}  # the records were written again
 

@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from tasks.stage import committed_dir
 from tasks.storage import Storage, table_stage_key
 from tests.pipeline.conftest import TINY_CONFIG, lake_contents, write_objects
-from tests.pipeline.helpers import ALL_STAGES, nested_runs, run_pipeline, states
+from tests.pipeline.helpers import ALL_STAGES, nested_runs, run_pipeline, stage_tags, states
 
 pytestmark = pytest.mark.integration
 
@@ -91,6 +91,9 @@ def test_first_run_is_tracked_in_mlflow(s3_setup: dict[str, Any], tmp_path: Path
     runs = nested_runs(first)
     assert set(runs) == set(ALL_STAGES)
     assert all(r.data.tags["cached"] == "false" for r in runs.values())
+    assert {s: t["run_id"] for s, t in stage_tags(first).items()} == {
+        s: r.info.run_id for s, r in runs.items()
+    }
     assert runs["scan"].data.params["num_clusters"] == "3"
     history = client.get_metric_history(runs["pretext"].info.run_id, "pretext/loss")
     assert [m.step for m in history] == [1]
@@ -118,12 +121,18 @@ def test_no_change_every_stage_cached(s3_setup: dict[str, Any]) -> None:
     assert again["stages_run"] == []
     assert set(states(again).values()) == {"Cached"}
     assert again["counts"]["objects_read"] == 0
-    runs = nested_runs(again)
+    # the model version is the first run's, and so is its promotion
+    assert again["promotion"]["decided"] is False
+    assert again["promotion"]["version"] == s3_setup["first"]["promotion"]["version"]
+    # cached stages are tags on the parent run, not empty nested runs
+    assert nested_runs(again) == {}
     first_ids = {r["stage"]: r["run_id"] for r in s3_setup["first"]["stages"]}
-    assert set(runs) == set(ALL_STAGES)
-    for stage, run in runs.items():
-        assert run.data.tags["cached"] == "true"
-        assert run.data.tags["source_run_id"] == first_ids[stage]
+    tags = stage_tags(again)
+    assert set(tags) == set(ALL_STAGES)
+    for stage, tag in tags.items():
+        assert tag["cached"] == "true" and tag["cache"] == "Prefect cache"
+        assert tag["source_run_id"] == first_ids[stage]
+        assert tag["key"] == {r["stage"]: r["key"] for r in again["stages"]}[stage]
 
 
 def test_scan_config_change_reruns_only_scan_onwards(s3_setup: dict[str, Any]) -> None:

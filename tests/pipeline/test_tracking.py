@@ -37,3 +37,17 @@ def test_runs_starting_together_on_a_fresh_store_share_one_experiment(tmp_path: 
     assert all(status == "ok" for status, _ in outcomes), outcomes
     assert len({experiment for _, experiment in outcomes}) == 1
     assert (tmp_path / "state" / "mlflow.db.lock").exists()
+
+
+def test_run_links_follow_the_tracking_uri() -> None:
+    from tasks.tracking import run_link, ui_command
+
+    server = "http://mlflow.example:5000/"
+    assert run_link(server, "3", "abc") == "http://mlflow.example:5000/#/experiments/3/runs/abc"
+    assert ui_command(server) is None
+    local = "sqlite:////data/state/mlflow.db"
+    assert run_link(local, "3", "abc") == "#/experiments/3/runs/abc"
+    assert run_link(local, "3", "abc", "http://10.0.0.5:5001") == (
+        "http://10.0.0.5:5001/#/experiments/3/runs/abc"
+    )
+    assert ui_command(local) == f"uv run mlflow ui --backend-store-uri {local}"
