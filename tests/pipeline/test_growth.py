@@ -23,7 +23,7 @@ from scan_core.data import encode_png, lake_key
 from tasks.schemas import CLUSTER_LINEAGE, DUPLICATES
 from tasks.storage import Storage, table_stage_key
 from tests.pipeline.conftest import lake_contents, write_local
-from tests.pipeline.helpers import ALL_STAGES, nested_runs, run_pipeline, states
+from tests.pipeline.helpers import ALL_STAGES, nested_runs, run_pipeline, stage_tags, states
 
 pytestmark = pytest.mark.integration
 
@@ -139,10 +139,13 @@ def test_grown_lake_embeds_only_new_images_and_forgets_removed_ones(
     assert grown["pretext"]["new_images"] == len(ADDED)
     assert grown["pretext"]["trained_images"] == FIRST + 1 - len(REMOVED)
     assert "reusing it" in grown["pretext"]["reason"] and "<= 50%" in grown["pretext"]["reason"]
-    for run in (parent, runs["pretext"]):
-        assert run.data.tags["pretext.reused"] == "true"
-        assert run.data.tags["pretext.reason"] == grown["pretext"]["reason"]
-        assert run.data.tags["pretext.backbone_key"] == grown["pretext"]["key"]
+    assert parent.data.tags["pretext.reused"] == "true"
+    assert parent.data.tags["pretext.reason"] == grown["pretext"]["reason"]
+    assert parent.data.tags["pretext.backbone_key"] == grown["pretext"]["key"]
+    # the cached pretext stage has no run of its own: the parent names the run that made it
+    assert "pretext" not in runs
+    pretext_tags = stage_tags(grown)["pretext"]
+    assert pretext_tags["cached"] == "true" and pretext_tags["key"] == grown["pretext"]["key"]
 
     # warm start from run 1's model, with the warm epochs
     assert grown["growth"]["start"] == "warm"

@@ -415,19 +415,19 @@ def test_gallery_opens_in_a_browser(outputs: dict[str, Any], tmp_path: Path) -> 
 def test_a_run_refused_by_the_gate_leaves_the_champion(
     outputs: dict[str, Any], tmp_path: Path
 ) -> None:
-    """A rerun with 2 SCAN epochs and a gate no 122 objects in 3 clusters can pass (balance
-    1.0): its new version is tagged ``promoted=false`` with the reason and the champion stays;
-    the stages before scan come from cache (parent run tags, no nested runs)."""
+    """A rerun with 2 self-labeling epochs and a gate no 122 objects in 3 clusters can pass
+    (balance 1.0): its new version is tagged ``promoted=false`` with the reason and the champion
+    stays; the stages before selflabel come from cache (parent run tags, no nested runs)."""
     strict = ["--set", "promotion.min_balance=1.0", "--set", "promotion.allowed_empty_clusters=0"]
     json_file = tmp_path / "refused.json"
     done = run_cli(
-        [*outputs["args"], "--set", "scan.epochs=2", *strict, "--json", str(json_file)],
+        [*outputs["args"], "--set", "selflabel.epochs=2", *strict, "--json", str(json_file)],
         outputs["env"],
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     refused = json.loads(json_file.read_text())
     assert refused["ok"] is True
-    assert refused["stages_run"] == ["scan", "selflabel", "assign", "evaluate"]
+    assert refused["stages_run"] == ["selflabel", "assign", "evaluate"]
     assert "Assignments: " + refused["assignments"] in done.stdout.replace("\n", "")
     decision = refused["promotion"]
     assert decision["decided"] and not decision["promoted"]
@@ -439,7 +439,7 @@ def test_a_run_refused_by_the_gate_leaves_the_champion(
     assert str(champion.version) == outputs["result"]["promotion"]["version"]
     assert f"version {decision['version']}: not promoted" in done.stdout.replace("\n", "")
 
-    assert set(nested_runs(refused)) == {"scan", "selflabel", "assign", "evaluate"}
+    assert set(nested_runs(refused)) == {"selflabel", "assign", "evaluate"}
     first = {r["stage"]: r["run_id"] for r in outputs["result"]["stages"]}
     for stage, tag in stage_tags(refused).items():
         if stage in refused["stages_run"]:
