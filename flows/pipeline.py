@@ -30,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 from scan_core.config import PipelineConfig
 from tasks import keys, progress, promotion, tracking
 from tasks.assign import ASSIGNMENTS_FILE, assign
+from tasks.auto import image_section, parse_budget, settings_for
 from tasks.catalog import catalog
 from tasks.choose_k import choose_k
 from tasks.clustering import clustering_key, scan, stage_config
@@ -39,6 +40,7 @@ from tasks.embed import embed
 from tasks.errors import ScanLakeError, mark_stage
 from tasks.evaluate import evaluate
 from tasks.gallery import publish_run_gallery
+from tasks.guard import guard
 from tasks.history import (
     GrowthPlan,
     RunRecord,
@@ -58,6 +60,7 @@ from tasks.prefect_reports import (
     publish_tables,
 )
 from tasks.pretext import PretextPlan, plan_pretext, pretext, pretext_stage_config
+from tasks.profile import profile_lake
 from tasks.selflabel import selflabel
 from tasks.settings import MachineSettings
 from tasks.stage import StageOutput, StageRequest, result_storage_for
@@ -75,6 +78,7 @@ STAGES = (
     "choose_k",
     "scan",
     "selflabel",
+    "guard",
     "assign",
     "evaluate",
 )
@@ -326,6 +330,9 @@ def scan_pipeline(
     config: dict[str, Any] | None = None,
     clusters: int | Literal["auto"] | None = None,
     retrain_pretext: bool = False,
+    preset: Literal["auto", "paper"] = "auto",
+    overrides: dict[str, Any] | None = None,
+    budget: str | float | None = None,
 ) -> dict[str, Any]:
     """Cluster the images of ``lake`` with SCAN, caching every stage under ``workspace``.
 
@@ -333,8 +340,12 @@ def scan_pipeline(
         lake: Folder or URL of the images (``s3://bucket/prefix`` or a local path); an optional
             ``_labels.parquet`` sidecar (key, label) enables the accuracy metrics.
         workspace: Folder or URL for stage artifacts, Prefect results and the pixel store.
-        config: :class:`PipelineConfig` as a dict (defaults when omitted); its ``growth`` section
-            sets when the backbone is retrained and how warm starts run.
+        config: :class:`PipelineConfig` as a dict. Omitted: the settings of ``preset``.
+        preset: Without ``config``: ``auto`` chooses the settings from the lake and the device
+            (:mod:`scan_core.auto`; the reasons are in the summary and MLflow), ``paper`` takes
+            the paper's (the :class:`PipelineConfig` defaults).
+        overrides: Dotted ``{"scan.epochs": 5}`` overrides applied on top of the settings.
+        budget: Wall time the ``auto`` settings should fit on this machine (``"30m"``, seconds).
         clusters: Number of clusters (overrides ``scan.num_clusters``), or ``"auto"``: choose
             it without labels in ``cluster_count.k_min .. k_max`` after neighbour mining.
         retrain_pretext: Train the backbone on the current images even if the lake grew less than
@@ -347,12 +358,14 @@ def scan_pipeline(
     """
     log = get_run_logger()
     settings = MachineSettings()
-    cfg = as_config(config)
     auto = clusters == "auto"
-    if isinstance(clusters, int):
-        data = cfg.model_dump(mode="json")
-        data["scan"]["num_clusters"] = clusters
-        cfg = as_config(data)
+    choice = SettingsChoice(
+        automatic=config is None and preset == "auto",
+        config=as_config(config),
+        overrides=dict(overrides or {}),
+        budget_seconds=parse_budget(budget),
+        clusters=clusters if isinstance(clusters, int) else None,
+    )
     lake_store, ws = Storage(lake, settings), Storage(workspace, settings)
     lake_store.check_reachable()
     ws.check_reachable(create=True)
@@ -377,8 +390,7 @@ def scan_pipeline(
     progress.add_reporter(reporter)
     try:
         with library_logs_to_prefect():
-            _track_request(ref, cfg, clusters, retrain_pretext)
-            result = _run_stages(lake_store, ws, cfg, ref, retrain_pretext, flow_run_id, auto)
+            result = _run_stages(lake_store, ws, choice, ref, retrain_pretext, flow_run_id, auto)
     except BaseException:
         tracking.end_run(ref, parent, ok=False)
         raise
@@ -395,18 +407,23 @@ def scan_pipeline(
 def _track_request(
     ref: TrackingRef,
     cfg: PipelineConfig,
-    clusters: int | Literal["auto"] | None,
+    choice: SettingsChoice,
+    auto_clusters: bool,
     retrain_pretext: bool,
 ) -> None:
     """The whole resolved config on the parent run (params and ``config.yaml``), and the flow's
-    other parameters (``clusters``: the number, ``auto`` or ``config``)."""
+    other parameters (``clusters``: the number, ``auto`` or ``config``; ``settings``: ``auto``
+    (chosen from the lake), or ``given`` (a config or the paper's preset); the budget)."""
     tracking.log_config(ref, ref.parent_run_id, cfg.model_dump(mode="json"))
+    clusters = "auto" if auto_clusters else choice.clusters
     tracking.log_params(
         ref,
         ref.parent_run_id,
         {
             "clusters": "config" if clusters is None else str(clusters),
             "retrain_pretext": str(retrain_pretext).lower(),
+            "settings": "auto" if choice.automatic else "given",
+            "budget_seconds": str(choice.budget_seconds),
         },
     )
 
@@ -566,17 +583,73 @@ def _track_choice(ref: TrackingRef, chosen: dict[str, Any]) -> None:
     tracking.log_metrics(ref, ref.parent_run_id, {"clusters/chosen_k": float(chosen["chosen_k"])})
 
 
+class SettingsChoice(BaseModel):
+    """How the run's settings are chosen: a given config (or the paper preset) with overrides,
+    or the automatic settings for the lake (:mod:`tasks.auto`)."""
+
+    automatic: bool
+    config: PipelineConfig
+    overrides: dict[str, Any] = {}
+    budget_seconds: float | None = None
+    clusters: int | None = None
+
+    def given(self) -> PipelineConfig:
+        """The given config with the overrides and the number of clusters applied."""
+        cfg = self.config
+        if self.overrides:
+            try:
+                cfg = cfg.with_overrides(self.overrides)
+            except (ValidationError, ValueError) as exc:
+                raise ScanLakeError(
+                    f"Invalid --set override ({exc}): fix the key or the value."
+                ) from exc
+        return cfg if self.clusters is None else _with_clusters(cfg, self.clusters)
+
+
+def _choose_settings(
+    lake: Storage, ws: Storage, choice: SettingsChoice, ref: TrackingRef
+) -> tuple[LakeSnapshot, PipelineConfig, dict[str, str]]:
+    """Scan the lake under the chosen image settings; return the snapshot, the whole config and
+    why each automatic setting was chosen (``{"settings": "..."}`` for a given config)."""
+    if not choice.automatic:
+        cfg = choice.given()
+        snapshot = scan_lake(lake.url, ws.url, cfg.image.model_dump(mode="json"))
+        how = "the given config" if choice.config != PipelineConfig() else "the paper's preset"
+        return snapshot, cfg, {"settings": how}
+    profile = profile_lake(lake.url, ws.url)
+    image, _ = image_section(profile, choice.overrides)
+    snapshot = scan_lake(lake.url, ws.url, image)
+    chosen = settings_for(profile, snapshot.num_unique, choice.budget_seconds, choice.overrides)
+    cfg = chosen.config
+    if choice.clusters is not None:
+        cfg = _with_clusters(cfg, choice.clusters)
+    log = get_run_logger()
+    for line in chosen.lines():
+        log.info("settings: %s", line)
+    tracking.set_tags(
+        ref,
+        ref.parent_run_id,
+        {"settings": "auto", **{f"settings.{k}": v[:5000] for k, v in chosen.reasons.items()}},
+    )
+    if "total" in chosen.estimate:
+        tracking.log_metrics(
+            ref, ref.parent_run_id, {"settings/estimated_seconds": chosen.estimate["total"]}
+        )
+    return snapshot, cfg, chosen.reasons
+
+
 def _run_stages(
     lake: Storage,
     ws: Storage,
-    cfg: PipelineConfig,
+    choice: SettingsChoice,
     ref: TrackingRef,
     retrain_pretext: bool,
     flow_run_id: str,
     auto_clusters: bool = False,
 ) -> dict[str, Any]:
     settings = MachineSettings()
-    snapshot: LakeSnapshot = scan_lake(lake.url, ws.url, cfg.image.model_dump(mode="json"))
+    snapshot, cfg, reasons = _choose_settings(lake, ws, choice, ref)
+    _track_request(ref, cfg, choice, auto_clusters, retrain_pretext)
     tracking.set_tags(
         ref,
         ref.parent_run_id,
@@ -691,6 +764,14 @@ def _run_stages(
                 "reason": f"warm starts are SCAN's; clustering.method is {method}",
             }
         )
+    if plan.warm_from is not None and plan.warm_from.summary.get("guard_kept") == "kmeans":
+        plan = plan.model_copy(
+            update={
+                "start": "cold",
+                "warm_from": None,
+                "reason": "the last run kept K-means' clusters (the guard), not a SCAN model",
+            }
+        )
     warm = plan.warm_from
     if method_config is None:
         scan_cfg = warm_scan_config(cfg.scan, cfg.growth) if warm else cfg.scan
@@ -723,19 +804,44 @@ def _run_stages(
         )
 
     skipped: dict[str, str] = {}
+    step4: dict[str, Any] = {"method": cfg.selflabel.method, "ran": False, "kept": False}
     if method_config is not None:
         skipped["selflabel"] = f"self-labeling is SCAN's step 4; clustering.method is {method}"
     elif not cfg.selflabel.enabled:
         skipped["selflabel"] = "selflabel.enabled is false"
     else:
         sl_cfg = warm_selflabel_config(cfg.selflabel, cfg.growth) if warm else cfg.selflabel
-        sl_key = keys.stage_key("selflabel", sl_cfg.fingerprint(), {"scan": model.key})
-        model = run(
+        sl_key = keys.stage_key(
+            "selflabel", sl_cfg.fingerprint(), {"scan": model.key, "neighbors": nbr.key}
+        )
+        sl = run(
             selflabel,
             request("selflabel", sl_key, sl_cfg.model_dump(mode="json")),
             model,
             cat,
+            nbr,
         )
+        step4 = {"method": sl_cfg.method, **sl.summary}
+        if sl.summary.get("skipped"):
+            skipped["selflabel"] = str(sl.summary["skipped"])
+        elif sl.summary.get("kept", True):
+            model = sl
+        else:
+            skipped["selflabel"] = str(sl.summary.get("reason", "its model was not kept"))
+    guard_summary: dict[str, Any] | None = None
+    if method != "kmeans" and cfg.guard.enabled:
+        guard_config = {
+            "guard": cfg.guard.model_dump(mode="json"),
+            "kmeans": cfg.kmeans.model_dump(mode="json"),
+            "device": cfg.scan.device,
+        }
+        guard_key = keys.stage_key(
+            "guard",
+            keys.digest(guard_config),
+            {"model": model.key, "embed": emb.key, "neighbors": nbr.key},
+        )
+        model = run(guard, request("guard", guard_key, guard_config), model, pre, emb, nbr, cat)
+        guard_summary = dict(model.summary)
     tracking.set_tags(
         ref,
         ref.parent_run_id,
@@ -743,6 +849,14 @@ def _run_stages(
             "pretext.method": cfg.pretext.method,
             "clustering.method": method,
             **{f"{stage}.skipped": reason for stage, reason in skipped.items()},
+            **(
+                {
+                    "guard.kept": str(guard_summary["kept"]),
+                    "guard.reason": str(guard_summary["reason"])[:5000],
+                }
+                if guard_summary is not None
+                else {}
+            ),
         },
     )
 
@@ -758,12 +872,12 @@ def _run_stages(
     assign_key = keys.stage_key("assign", "", assign_inputs)
     asg = run(assign, request("assign", assign_key, assign_config), model, cat, plan.relabel_from)
 
-    eval_key = keys.stage_key(
-        "evaluate",
-        "",
-        {"assign": asg.key, "catalog": cat.key, "neighbors": nbr.key, "embed": emb.key},
-    )
-    ev = run(evaluate, request("evaluate", eval_key, {}), asg, cat, nbr, emb)
+    guard_out = model if guard_summary is not None else None
+    eval_inputs = {"assign": asg.key, "catalog": cat.key, "neighbors": nbr.key, "embed": emb.key}
+    if guard_out is not None:
+        eval_inputs["guard"] = guard_out.key
+    eval_key = keys.stage_key("evaluate", "", eval_inputs)
+    ev = run(evaluate, request("evaluate", eval_key, {}), asg, cat, nbr, emb, guard_out)
 
     embedded = 0 if run.records["embed"].cached else int(emb.summary.get("embedded", 0))
     lineage = dict(asg.summary.get("lineage", {}))
@@ -789,6 +903,7 @@ def _run_stages(
             "cluster_ids": ev.summary.get("cluster_ids", []),
             "cluster_sizes": ev.summary.get("cluster_sizes", []),
         },
+        guard_summary,
     )
     record = RunRecord(
         lake=lake.url,
@@ -842,6 +957,9 @@ def _run_stages(
             "auto": chosen,
         },
         "skipped": skipped,
+        "settings": reasons,
+        "guard": guard_summary,
+        "step4": step4,
         "duplicates": dup_counts,
         "duplicates_report": ws.uri(f"{dup.rel_dir}/duplicates.parquet"),
         "model_version": asg.summary.get("model_version"),

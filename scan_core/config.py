@@ -21,6 +21,10 @@ Device = Literal["auto", "cpu", "cuda"]
 #: Training arithmetic: ``auto`` = bfloat16 autocast where the device computes it natively (a CUDA
 #: GPU with bf16, a CPU with AVX512-BF16 or AMX), float32 elsewhere.
 Precision = Literal["auto", "fp32", "bf16"]
+#: Pretext views: ``photo`` = SimCLR's (random resized crop, flip, colour jitter, greyscale);
+#: ``shape`` = for small greyscale or shape-like images (zoom, shift, blur, brightness; no crop,
+#: no flip), :class:`scan_core.transforms.ShapeTransform`.
+PretextAugment = Literal["photo", "shape"]
 
 
 class StageConfig(BaseModel):
@@ -80,6 +84,7 @@ class PretextConfig(StageConfig):
     crop_scale_min: float = Field(0.2, gt=0, le=1)
     color_jitter: float = Field(0.4, ge=0, le=1)
     view_scale: float = Field(1.0, gt=0, le=1)
+    augment: PretextAugment = "photo"
     seed: int = 0
     device: Device = "auto"
     precision: Precision = "auto"
@@ -138,14 +143,24 @@ class ScanConfig(StageConfig):
 
 
 class SelfLabelConfig(StageConfig):
-    """Self-labeling fine-tuning (SCAN step 4).
+    """Step 4: fine-tuning on the model's own pseudo-labels (:mod:`scan_core.selflabel`).
 
-    Official: threshold 0.99, CE on a strong view with inverse-frequency weights, Adam 1e-4,
-    batch 1000; stop when the number of confident samples stops growing.
+    Official (SCAN's self-labeling): threshold 0.99, CE on a strong view with inverse-frequency
+    weights, Adam 1e-4, batch 1000; stop when the number of confident samples stops growing;
+    an error when no sample passes the threshold. Here a step with fewer than
+    ``min_confident_fraction`` confident images is skipped and the SCAN clusters stand, and with
+    ``keep_only_if_better`` its model is kept only when its clusters score a higher kNN
+    modularity than the model it started from (the guard's label-free criterion,
+    :mod:`scan_core.guard`). ``method = "spice"`` adds SPICE's reliable labels: images whose
+    cluster at least ``reliable_consistency`` of their mined neighbours share.
     """
 
     enabled: bool = True
+    method: Literal["selflabel", "spice"] = "selflabel"
     threshold: float = Field(0.99, gt=0, lt=1)
+    min_confident_fraction: float = Field(0.05, ge=0, le=1)
+    reliable_consistency: float = Field(0.9, gt=0, le=1)
+    keep_only_if_better: bool = True
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(1000, ge=2)
     lr: float = Field(1e-4, gt=0)
@@ -199,14 +214,13 @@ class PromotionConfig(StageConfig):
     """When a run's registered model becomes the ``champion`` (``tasks/promotion.py``); no stage
     key depends on it.
 
-    A run is promoted when no cluster is empty (``allowed_empty_clusters``), its clusters are
-    not collapsed, and (where the
-    run compared its partition with K-means without labels) the trained model's partition was
-    kept. Collapse is measured by the *balance* of the cluster sizes: the effective number of
-    clusters ``exp(H)`` (``H`` the entropy of the size distribution; SCAN's entropy term
-    maximises the same quantity on the mean prediction) divided by the number of clusters. It
-    is 1 for equal sizes and ``m / k`` when ``m`` of ``k`` clusters share the images equally;
-    one class holding 40% of the images and nine equal ones the rest gives 0.73.
+    A run is promoted when no cluster is empty (``allowed_empty_clusters``), its clusters are not
+    collapsed, and (where the run compared its partition with K-means without labels, the guard) the
+    partition it kept scores at least as well as K-means'. Collapse is measured by the *balance* of
+    the cluster sizes: the effective number of clusters ``exp(H)`` (``H`` the entropy of the size
+    distribution; SCAN's entropy term maximises the same quantity on the mean prediction) divided by
+    the number of clusters. It is 1 for equal sizes and ``m / k`` when ``m`` of ``k`` clusters share
+    the images equally; one class holding 40% of the images and nine equal ones the rest gives 0.73.
 
     Attributes:
         min_balance: Smallest balance promoted; the default refuses a model that effectively
@@ -217,6 +231,20 @@ class PromotionConfig(StageConfig):
 
     min_balance: float = Field(0.5, ge=0, le=1)
     allowed_empty_clusters: int = Field(0, ge=0)
+
+
+class GuardConfig(StageConfig):
+    """The label-free guard after clustering (:mod:`scan_core.guard`): the trained model's
+    partition against K-means (the ``kmeans`` section) on the same pretext embeddings, scored
+    by their modularity on the mined kNN graph; the better one becomes the run's clusters.
+
+    Attributes:
+        enabled: Run the guard (off: the trained model is always kept).
+        margin: How much higher K-means' modularity must be to replace the trained model.
+    """
+
+    enabled: bool = True
+    margin: float = Field(0.0, ge=0, le=1)
 
 
 ClusteringMethod = Literal["scan", "twostage", "iic", "kmeans"]
@@ -353,6 +381,7 @@ class PipelineConfig(StageConfig):
     kmeans: KMeansConfig = KMeansConfig()
     cluster_count: ClusterCountConfig = ClusterCountConfig()
     promotion: PromotionConfig = PromotionConfig()
+    guard: GuardConfig = GuardConfig()
 
     @model_validator(mode="after")
     def _check_consistency(self) -> PipelineConfig:
@@ -463,6 +492,7 @@ class SuperANDConfig(SuperANDSettings):
     crop_scale_min: float = Field(0.2, gt=0, le=1)
     color_jitter: float = Field(0.4, ge=0, le=1)
     view_scale: float = Field(1.0, gt=0, le=1)
+    augment: PretextAugment = "photo"
     seed: int = 0
     device: Device = "auto"
     precision: Precision = "auto"

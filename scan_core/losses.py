@@ -112,8 +112,12 @@ class ConfidenceBasedCE(nn.Module):
         threshold: Confidence threshold (official 0.99).
         class_balance: Use inverse-frequency weights.
 
+    Reliable pseudo-labels fixed beforehand (SPICE, Niu et al. 2022, §3.3: labels that the
+    image's neighbours agree with) can be passed as ``fixed_targets`` (``-1`` = none): they
+    replace the weak view's argmax and count as confident whatever the weak view says.
+
     Shapes:
-        ``weak_logits, strong_logits``: ``(B, C)``.
+        ``weak_logits, strong_logits``: ``(B, C)``; ``fixed_targets``: ``(B,)`` int64.
 
     Returns:
         ``(loss, n_confident)``; raises ``ValueError`` if no sample passes the threshold.
@@ -127,11 +131,18 @@ class ConfidenceBasedCE(nn.Module):
         self.class_balance = class_balance
 
     def forward(
-        self, weak_logits: torch.Tensor, strong_logits: torch.Tensor
+        self,
+        weak_logits: torch.Tensor,
+        strong_logits: torch.Tensor,
+        fixed_targets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, int]:
         probs = F.softmax(weak_logits.detach(), dim=1)
         confidence, target = probs.max(dim=1)
         mask = confidence > self.threshold
+        if fixed_targets is not None:  # reliable labels (>= 0) take precedence
+            known = fixed_targets >= 0
+            target = torch.where(known, fixed_targets, target)
+            mask = mask | known
         n_confident = int(mask.sum())
         if n_confident == 0:
             raise ValueError(

@@ -21,7 +21,7 @@ from scan_core.training import (
     seed_everything,
     set_lr,
 )
-from scan_core.transforms import SimCLRTransform, WeakTransform, scaled_size
+from scan_core.transforms import WeakTransform, pretext_view
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +59,10 @@ def train_pretext(
 ) -> PretextResult:
     """Train the pretext model on uint8 images ``(N, C, H, W)``.
 
-    SimCLR: two :class:`SimCLRTransform` views per image (rendered at ``config.view_scale`` of
-    the image size), NT-Xent loss. RotNet: a weakly augmented image in its four rotations,
-    cross-entropy on the rotation. SGD with momentum and a cosine
-    schedule (official settings in :class:`PretextConfig`).
+    SimCLR: two views per image (``config.augment``: :class:`SimCLRTransform` or
+    :class:`ShapeTransform`, rendered at ``config.view_scale`` of the image size), NT-Xent loss.
+    RotNet: a weakly augmented image in its four rotations, cross-entropy on the rotation.
+    SGD with momentum and a cosine schedule (official settings in :class:`PretextConfig`).
     """
     if images.dim() != 4 or images.dtype != torch.uint8:
         raise ValueError(
@@ -79,10 +79,12 @@ def train_pretext(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
     batch_size = min(config.batch_size, images.shape[0])
-    simclr = SimCLRTransform(
-        crop_scale_min=config.crop_scale_min,
-        jitter=config.color_jitter,
-        size=scaled_size(min(images.shape[2:]), config.view_scale),
+    simclr = pretext_view(
+        config.augment,
+        min(images.shape[2:]),
+        config.view_scale,
+        config.crop_scale_min,
+        config.color_jitter,
     )
     weak = WeakTransform()
     ntxent, rotnet = NTXentLoss(config.temperature), RotNetLoss()

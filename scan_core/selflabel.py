@@ -1,9 +1,24 @@
-"""Self-labeling (SCAN step 4, Van Gansbeke et al. 2020, §3.3)."""
+"""Step 4: fine-tuning on the model's own pseudo-labels.
+
+``selflabel.method``:
+
+* ``selflabel``: SCAN's self-labeling (Van Gansbeke et al. 2020, §3.3): the weak view's confident
+  predictions (max probability above the threshold) are the labels of a strong view.
+* ``spice``: SPICE's reliable pseudo-labels (Niu et al., IEEE TIP 2022, §3.3): before training,
+  an image whose cluster at least ``reliable_consistency`` of its mined neighbours share gets
+  that cluster as a fixed label; the confident predictions of the other images are used as in
+  ``selflabel``.
+
+Too few confident images (``min_confident_fraction``) mean the clusters are not sharp enough to
+teach themselves: :class:`NoConfidentSamplesError`, which the pipeline turns into a skipped step
+(the SCAN clusters stand).
+"""
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +43,24 @@ logger = logging.getLogger(__name__)
 
 
 class NoConfidentSamplesError(ValueError):
-    """No image passes the self-labeling confidence threshold."""
+    """Too few images pass the self-labeling confidence threshold to train on."""
+
+
+def reliable_labels(
+    predictions: np.ndarray, neighbors: np.ndarray, consistency: float
+) -> np.ndarray:
+    """SPICE's reliable pseudo-labels: ``predictions[i]`` where at least ``consistency`` of
+    image ``i``'s mined ``neighbors`` share it, else ``-1``.
+
+    Shapes:
+        predictions ``(N,)``, neighbors ``(N, K)``; returns ``(N,)`` int64.
+    """
+    pred = np.asarray(predictions, dtype=np.int64)
+    nbr = np.asarray(neighbors, dtype=np.int64)
+    if nbr.ndim != 2 or nbr.shape[0] != pred.shape[0]:
+        raise ValueError(f"neighbors must be (N, K) with N = {pred.shape[0]}, got {nbr.shape}")
+    agree = (pred[nbr] == pred[:, None]).mean(axis=1)
+    return np.where(agree >= consistency, pred, -1)
 
 
 @dataclass
@@ -54,26 +86,42 @@ def train_selflabel(
     config: SelfLabelConfig,
     progress: ProgressCallback | None = None,
     probe: ValidationProbe | None = None,
+    neighbors: np.ndarray | None = None,
 ) -> SelfLabelResult:
-    """Fine-tune a one-head clustering model on its own confident predictions.
+    """Fine-tune a one-head clustering model on its own pseudo-labels (``config.method``).
 
     Pseudo-labels come from the un-augmented image (as in the official code), the loss is
     :class:`ConfidenceBasedCE` on a :class:`StrongTransform` view. Training stops when the number
     of confident images has not grown for ``config.patience`` epochs; the model of the epoch with
     the most confident images is returned.
 
+    Args:
+        neighbors: ``(N, K)`` mined neighbours; needed by ``spice``.
+
     Raises:
-        NoConfidentSamplesError: if no image passes the threshold before training.
+        NoConfidentSamplesError: fewer than ``config.min_confident_fraction`` of the images (and
+            at least one) are confident or reliable before training.
     """
     device = resolve_device(config.device)
     dtype = resolve_precision(config.precision, device)
     generator = seed_everything(config.seed)
     model = copy.deepcopy(model).to(device).to(memory_format=torch.channels_last)
     n_confident, predictions = count_confident(model, images, config.threshold, device)
-    if n_confident == 0:
+    fixed: torch.Tensor | None = None
+    if config.method == "spice":
+        if neighbors is None:
+            raise ValueError("selflabel.method spice needs the mined neighbours")
+        labels = reliable_labels(predictions, neighbors, config.reliable_consistency)
+        fixed = torch.as_tensor(labels)
+        logger.info("spice: %d/%d images have reliable labels", (labels >= 0).sum(), len(labels))
+    usable = n_confident if fixed is None else max(n_confident, int((fixed >= 0).sum()))
+    needed = max(1, math.ceil(config.min_confident_fraction * images.shape[0]))
+    if usable < needed:
         raise NoConfidentSamplesError(
-            f"No image is predicted with confidence above {config.threshold}: lower "
-            "selflabel.threshold or train the SCAN step for more epochs."
+            f"only {usable} of {images.shape[0]} images are predicted with confidence above "
+            f"{config.threshold}{' or reliably labelled' if fixed is not None else ''} "
+            f"(at least {needed} needed, selflabel.min_confident_fraction = "
+            f"{config.min_confident_fraction})"
         )
     logger.info("self-labeling starts with %d/%d confident images", n_confident, images.shape[0])
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -98,9 +146,13 @@ def train_selflabel(
                     strong(x, generator).contiguous(memory_format=torch.channels_last)
                 )[0]
             weak_logits, strong_logits = weak_logits.float(), strong_logits.float()
-            if not bool((weak_logits.softmax(1).max(1).values > config.threshold).any()):
+            targets = None if fixed is None else fixed[idx].to(device)
+            confident = weak_logits.softmax(1).max(1).values > config.threshold
+            if targets is not None:
+                confident = confident | (targets >= 0)
+            if not bool(confident.any()):
                 continue
-            loss, _ = criterion(weak_logits, strong_logits)
+            loss, _ = criterion(weak_logits, strong_logits, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -46,7 +46,7 @@ from scan_core.training import (
     seed_everything,
     set_lr,
 )
-from scan_core.transforms import SimCLRTransform, scaled_size
+from scan_core.transforms import pretext_view
 
 logger = logging.getLogger(__name__)
 
@@ -215,10 +215,12 @@ def train_superand(
         generator=generator,
         device=device,
     )
-    augment = SimCLRTransform(
-        crop_scale_min=config.crop_scale_min,
-        jitter=config.color_jitter,
-        size=scaled_size(min(images.shape[2:]), config.view_scale),
+    augment = pretext_view(
+        config.augment,
+        min(images.shape[2:]),
+        config.view_scale,
+        config.crop_scale_min,
+        config.color_jitter,
     )
     and_loss, aug_loss = ANDLoss(), AUGLoss(config.temperature)
     ue_loss = UELoss(self_logit=-1.0 / config.temperature)

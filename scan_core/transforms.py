@@ -314,6 +314,104 @@ class SimCLRTransform(nn.Module):
         return normalize(x)
 
 
+def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor, kernel_size: int = 3) -> torch.Tensor:
+    """Separable Gaussian blur with a per-image ``sigma`` (reflect-padded borders).
+
+    Args:
+        images: ``(B, C, H, W)`` float.
+        sigmas: ``(B,)`` standard deviations in pixels (> 0).
+        kernel_size: Odd side of the kernel.
+    """
+    if kernel_size % 2 != 1 or kernel_size < 1:
+        raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
+    b, c, h, w = images.shape
+    radius = kernel_size // 2
+    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    s = sigmas.to(images.device, images.dtype).view(-1, 1)
+    weights = torch.exp(-(offsets.view(1, -1) ** 2) / (2 * s**2))
+    weights = (weights / weights.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)
+    x = images.reshape(1, b * c, h, w)
+    x = F.pad(
+        x, (radius, radius, radius, radius), mode="reflect" if min(h, w) > radius else "replicate"
+    )
+    x = F.conv2d(x, weights.view(b * c, 1, kernel_size, 1), groups=b * c)
+    x = F.conv2d(x, weights.view(b * c, 1, 1, kernel_size), groups=b * c)
+    return x.reshape(b, c, h, w)
+
+
+class ShapeTransform(nn.Module):
+    """A view for small greyscale or shape-like images (the Fashion-MNIST augmentation of NMCE,
+    Li et al. 2022): a random zoom (``scale``) and shift (up to ``translate`` of the size on each
+    axis), a 3x3 Gaussian blur with sigma ~ U(``blur_sigma``), brightness x U(``brightness``);
+    no crop, no flip, no colour jitter (left-right and crop invariances are wrong for digits and
+    characters, and crops of a 28-pixel object leave little of it).
+
+    Pixels warped in from outside the image repeat the border, so a white background stays white.
+    ``size`` renders the view at a lower resolution, as :class:`SimCLRTransform` does.
+    """
+
+    def __init__(
+        self,
+        scale: tuple[float, float] = (0.8, 1.1),
+        translate: float = 0.1,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        brightness: tuple[float, float] = (0.5, 1.5),
+        size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0 < scale[0] <= scale[1]:
+            raise ValueError(f"scale must be an increasing pair of positive numbers, got {scale}")
+        if not 0 <= translate < 1:
+            raise ValueError(f"translate must be in [0, 1), got {translate}")
+        if not 0 < blur_sigma[0] <= blur_sigma[1]:
+            raise ValueError(f"blur_sigma must be an increasing positive pair, got {blur_sigma}")
+        if not 0 <= brightness[0] <= brightness[1]:
+            raise ValueError(f"brightness must be an increasing pair >= 0, got {brightness}")
+        if size is not None and size < 1:
+            raise ValueError(f"size must be a positive number of pixels or None, got {size}")
+        self.scale, self.translate = scale, translate
+        self.blur_sigma, self.brightness, self.size = blur_sigma, brightness, size
+
+    def make_params(self, n: int, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        t = self.translate
+        return {
+            "scale": _uniform(n, self.scale[0], self.scale[1], generator),
+            "tx": _uniform(n, -t, t, generator),
+            "ty": _uniform(n, -t, t, generator),
+            "sigma": _uniform(n, self.blur_sigma[0], self.blur_sigma[1], generator),
+            "brightness": _uniform(n, self.brightness[0], self.brightness[1], generator),
+        }
+
+    def forward(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        x = to_float(images)
+        p = self.make_params(x.shape[0], generator)
+        theta = torch.zeros(x.shape[0], 2, 3)
+        theta[:, 0, 0] = 1 / p["scale"]
+        theta[:, 1, 1] = 1 / p["scale"]
+        theta[:, 0, 2] = -2 * p["tx"]
+        theta[:, 1, 2] = -2 * p["ty"]
+        shape = list(x.shape) if self.size is None else [*x.shape[:2], self.size, self.size]
+        grid = F.affine_grid(theta.to(x), shape, align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        x = gaussian_blur(x, p["sigma"])
+        return normalize(adjust_brightness(x, p["brightness"]))
+
+
+def pretext_view(
+    augment: str, image_size: int, view_scale: float, crop_scale_min: float, jitter: float
+) -> nn.Module:
+    """The pretext views of ``augment``: ``photo`` (:class:`SimCLRTransform`) or ``shape``
+    (:class:`ShapeTransform`), rendered at ``view_scale`` of ``image_size``."""
+    size = scaled_size(image_size, view_scale)
+    if augment == "photo":
+        return SimCLRTransform(crop_scale_min=crop_scale_min, jitter=jitter, size=size)
+    if augment == "shape":
+        return ShapeTransform(size=size)
+    raise ValueError(f"Unknown pretext augmentation '{augment}': choose photo or shape.")
+
+
 class WeakTransform(nn.Module):
     """The weak view: horizontal flip and a mild random crop (scale ``crop_scale_min``..1)."""
 

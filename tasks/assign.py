@@ -143,6 +143,7 @@ def assign_fn(
             "next_cluster_id": match.next_id,
             "mean_confidence": float(per_object.max(axis=1).mean()),
             "model_stage": model.stage,
+            "guard_kept": model.summary.get("kept") if model.stage == "guard" else None,
             "lineage": lineage,
         }
         run.log_metrics(

@@ -28,7 +28,7 @@ from torch import nn
 
 from scan_core.clustering import train_scan
 from scan_core.config import ImageConfig, KMeansConfig, PipelineConfig, ScanConfig, TwoStageConfig
-from scan_core.kmeans import build_kmeans_model, fit_kmeans
+from scan_core.kmeans import KMeansResult, build_kmeans_model, fit_kmeans
 from scan_core.models import RotNetHead
 from scan_core.twostage import EmbeddingBackbone, train_twostage
 from tasks import checkpoints, keys
@@ -178,6 +178,32 @@ def _twostage(
     }
 
 
+def save_kmeans_model(
+    run: StageRun,
+    result: KMeansResult,
+    temperature: float,
+    pretext: StageOutput,
+    catalog: StageOutput,
+) -> None:
+    """Write the nearest-centroid clustering model of a K-means ``result`` on the pretext
+    embeddings (checkpoint and description) into the stage run."""
+    pretext_model = checkpoints.load_pretext_model(run.workspace, pretext.rel_dir)
+    head = _embedding_head(pretext_model.head)
+    model = build_kmeans_model(pretext_model.backbone, result.centroids, temperature, head)
+    image_config = ImageConfig.model_validate(catalog.summary["image_config"])
+    run.write_bytes(checkpoints.CHECKPOINT, checkpoints.state_bytes(model), log=True)
+    run.write_json(
+        checkpoints.DESCRIPTION,
+        checkpoints.clustering_description(
+            pretext.summary["backbone"],
+            image_config.channels,
+            len(result.centroids),
+            checkpoints.embedding_description(head),
+        ),
+        log=True,
+    )
+
+
 def _kmeans(
     run: StageRun,
     num_clusters: int,
@@ -188,21 +214,7 @@ def _kmeans(
 ) -> dict[str, Any]:
     _, vectors = read_embeddings(run.workspace, embed)
     result = fit_kmeans(vectors, num_clusters, settings)
-    pretext_model = checkpoints.load_pretext_model(run.workspace, pretext.rel_dir)
-    head = _embedding_head(pretext_model.head)
-    model = build_kmeans_model(pretext_model.backbone, result.centroids, settings.temperature, head)
-    image_config = ImageConfig.model_validate(catalog.summary["image_config"])
-    run.write_bytes(checkpoints.CHECKPOINT, checkpoints.state_bytes(model), log=True)
-    run.write_json(
-        checkpoints.DESCRIPTION,
-        checkpoints.clustering_description(
-            pretext.summary["backbone"],
-            image_config.channels,
-            num_clusters,
-            checkpoints.embedding_description(head),
-        ),
-        log=True,
-    )
+    save_kmeans_model(run, result, settings.temperature, pretext, catalog)
     run.log_metrics({"kmeans/inertia": result.inertia})
     return {
         "method": "kmeans",

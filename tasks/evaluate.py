@@ -23,6 +23,8 @@ from scan_core.plots import (
 from tasks.assign import cluster_ids_of, read_assignments
 from tasks.catalog import read_catalog
 from tasks.embed import read_embeddings
+from tasks.errors import ScanLakeError
+from tasks.guard import PARTITIONS_FILE
 from tasks.lake import first_labels
 from tasks.neighbors import read_neighbor_indices
 from tasks.pixels import load_pixels
@@ -37,8 +39,13 @@ def evaluate_fn(
     catalog: StageOutput,
     neighbors: StageOutput,
     embed: StageOutput,
+    guard: StageOutput | None = None,
 ) -> StageOutput:
-    """Score the assignments; write ``metrics.json`` and the plots (also to MLflow)."""
+    """Score the assignments; write ``metrics.json`` and the plots (also to MLflow).
+
+    With labels and a ``guard`` stage, also the ACC of both partitions the guard compared
+    (``guard_model_acc``, ``guard_kmeans_acc``), so a benchmark can check its choice.
+    """
 
     def body(run: StageRun) -> dict[str, Any]:
         assignments = read_assignments(run.workspace, assign)
@@ -97,6 +104,18 @@ def evaluate_fn(
                 metrics["kmeans_acc"] = evaluate_clustering(
                     unique_labels[known], baseline, num_clusters=num_clusters
                 ).acc
+            if guard is not None and known.sum() >= num_clusters:
+                parts = run.workspace.read_table(f"{guard.rel_dir}/{PARTITIONS_FILE}")
+                if parts["image_id"].to_pylist() != ids:
+                    raise ScanLakeError(
+                        f"The guard stage {guard.key[:12]} holds other images than the "
+                        "neighbours: point --workspace at a fresh folder to recompute it."
+                    )
+                for name in ("model", "kmeans"):
+                    column = parts[f"{name}_cluster"].to_numpy()
+                    metrics[f"guard_{name}_acc"] = evaluate_clustering(
+                        unique_labels[known], column[known], num_clusters=num_clusters
+                    ).acc
             num_classes = int(labels.max()) + 1
             confusion = confusion_matrix(labels, predictions, num_classes, num_clusters, match=True)
             names = (
@@ -124,6 +143,7 @@ def evaluate(
     catalog: StageOutput,
     neighbors: StageOutput,
     embed: StageOutput,
+    guard: StageOutput | None = None,
 ) -> StageOutput:
     """Evaluate stage task (cached on the evaluate key)."""
-    return evaluate_fn(request, assign, catalog, neighbors, embed)
+    return evaluate_fn(request, assign, catalog, neighbors, embed, guard)

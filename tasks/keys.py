@@ -46,6 +46,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "scan": ("clustering.py", "training.py", "transforms.py", "losses.py", "models"),
     "selflabel": (
         "selflabel.py",
+        "guard.py",
         "training.py",
         "transforms.py",
         "losses.py",
@@ -69,6 +70,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "iic": _MUTUAL_INFORMATION,
     "kmeans": ("kmeans.py", "twostage.py", "models"),
     "choose_k": ("model_selection.py", "losses.py", "training.py", "plots.py"),
+    "guard": ("guard.py", "kmeans.py", "inference.py", "transforms.py", "models"),
 }
 
 #: Bumped when a task changes what it writes (the scan_core hash covers the science code).
@@ -88,6 +90,7 @@ TASK_FORMAT_VERSION: dict[str, int] = {
     "iic": 1,
     "kmeans": 1,
     "choose_k": 1,
+    "guard": 1,
 }
 
 

@@ -2,13 +2,15 @@
 when the run passes the gate (:class:`scan_core.config.PromotionConfig`).
 
 The gate (:func:`decide`, pure) refuses a run with an empty cluster (more than
-``promotion.allowed_empty_clusters``), a collapsed one (cluster
-sizes whose balance, the effective number of clusters over the number of clusters, is below
-``promotion.min_balance``) or whose label-free comparison with K-means (the flow's ``guard``,
-where the run has one) kept the K-means partition. :func:`promote` records the decision and its
-reason in the model version's tags either way (``promoted``, ``promotion.reason``), with what a
-reviewer of the version needs (lake fingerprint, runs, metrics, cluster ids, the partition kept),
-and moves the alias only when the gate passed.
+``promotion.allowed_empty_clusters``), a collapsed one (cluster sizes whose balance, the effective
+number of clusters over the number of clusters, is below ``promotion.min_balance``) or whose answer
+scores below K-means on the guard's label-free criterion (the flow's ``guard``, where the run has
+one; the guard keeps the better partition, so this refuses only a model kept within the guard's
+``margin``). A run whose guard kept K-means' partition registers K-means' nearest-centroid model,
+which is promoted like any other. :func:`promote` records the decision and its reason in the model
+version's tags either way (``promoted``, ``promotion.reason``), with what a reviewer of the version
+needs (lake fingerprint, runs, metrics, cluster ids, the partition kept), and moves the alias only
+when the gate passed.
 
 The flow decides only for a model version its own assign stage made: a run whose assign stage
 came from the cache (an unchanged rerun, or a run that lost the stage commit to a concurrent run,
@@ -107,10 +109,12 @@ def decide(
             f"{score * len(sizes):.1f} of {len(sizes)}) is below promotion.min_balance "
             f"{config.min_balance:.2f}"
         )
-    if checked is not None and checked.kept == "kmeans":
+    if checked is not None and checked.kept == "model" and (
+        checked.model_score < checked.kmeans_score
+    ):
         refusals.append(
-            f"K-means' partition was kept ({checked.criterion}: model {checked.model_score:.4g} "
-            f"vs K-means {checked.kmeans_score:.4g}; {checked.reason})"
+            f"the model's partition scores below K-means' ({checked.criterion}: model "
+            f"{checked.model_score:.4g} vs K-means {checked.kmeans_score:.4g}; {checked.reason})"
         )
     if refusals:
         return Decision(
@@ -124,9 +128,10 @@ def decide(
         f"{len(empty) or 'no'} empty cluster(s), balance {score:.2f} >= {config.min_balance:.2f}"
     )
     if checked is not None:
+        kept = "the model's partition" if checked.kept == "model" else "K-means' partition"
         passed += (
-            f", the model's partition beat K-means ({checked.criterion}: "
-            f"{checked.model_score:.4g} vs {checked.kmeans_score:.4g})"
+            f", {kept} kept, at least as good as the other ({checked.criterion}: model "
+            f"{checked.model_score:.4g} vs K-means {checked.kmeans_score:.4g})"
         )
     return Decision(
         promote=True,

@@ -17,6 +17,7 @@ ALL_STAGES = [
     "duplicates",
     "scan",
     "selflabel",
+    "guard",
     "assign",
     "evaluate",
 ]

@@ -137,7 +137,7 @@ def test_no_change_every_stage_cached(s3_setup: dict[str, Any]) -> None:
 
 def test_scan_config_change_reruns_only_scan_onwards(s3_setup: dict[str, Any]) -> None:
     changed = run_pipeline(s3_setup["lake"], s3_setup["workspace"], {"scan.epochs": 2})
-    assert changed["stages_run"] == ["scan", "selflabel", "assign", "evaluate"]
+    assert changed["stages_run"] == ["scan", "selflabel", "guard", "assign", "evaluate"]
     st = states(changed)
     assert all(st[s] == "Cached" for s in ("catalog", "pretext", "embed", "mine_neighbors"))
 

@@ -52,15 +52,19 @@ def test_empty_and_collapsed_clusters_are_refused_with_their_reasons() -> None:
     assert lenient.promote
 
 
-def test_guard_that_kept_kmeans_refuses_and_one_that_kept_the_model_passes() -> None:
-    lost = decide([30, 30, 40], guard("kmeans"), GATE)
-    assert not lost.promote and lost.partition == "kmeans"
-    assert "K-means' partition was kept (heldout_consistency: model 0.61 vs K-means 0.7" in (
-        lost.reason
-    )
+def test_the_kept_partition_must_score_at_least_as_well_as_kmeans() -> None:
+    kmeans_kept = decide([30, 30, 40], guard("kmeans"), GATE)
+    assert kmeans_kept.promote and kmeans_kept.partition == "kmeans"
+    assert "K-means' partition kept" in kmeans_kept.reason
     won = decide([30, 30, 40], guard("model"), GATE)
     assert won.promote and won.partition == "model"
-    assert "beat K-means (heldout_consistency: 0.61 vs 0.55)" in won.reason
+    assert "model 0.61 vs K-means 0.55" in won.reason
+    # a model kept within the guard's margin although K-means scored higher
+    within_margin = decide([30, 30, 40], {**guard("model"), "kmeans_score": 0.62}, GATE)
+    assert not within_margin.promote
+    assert "the model's partition scores below K-means' (heldout_consistency: model 0.61" in (
+        within_margin.reason
+    )
 
 
 def test_a_guard_that_is_not_a_comparison_is_refused() -> None:

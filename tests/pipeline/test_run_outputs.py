@@ -427,7 +427,7 @@ def test_a_run_refused_by_the_gate_leaves_the_champion(
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     refused = json.loads(json_file.read_text())
     assert refused["ok"] is True
-    assert refused["stages_run"] == ["selflabel", "assign", "evaluate"]
+    assert refused["stages_run"] == ["selflabel", "guard", "assign", "evaluate"]
     assert "Assignments: " + refused["assignments"] in done.stdout.replace("\n", "")
     decision = refused["promotion"]
     assert decision["decided"] and not decision["promoted"]
@@ -439,7 +439,7 @@ def test_a_run_refused_by_the_gate_leaves_the_champion(
     assert str(champion.version) == outputs["result"]["promotion"]["version"]
     assert f"version {decision['version']}: not promoted" in done.stdout.replace("\n", "")
 
-    assert set(nested_runs(refused)) == {"selflabel", "assign", "evaluate"}
+    assert set(nested_runs(refused)) == {"selflabel", "guard", "assign", "evaluate"}
     first = {r["stage"]: r["run_id"] for r in outputs["result"]["stages"]}
     for stage, tag in stage_tags(refused).items():
         if stage in refused["stages_run"]:
@@ -453,8 +453,9 @@ def test_a_run_refused_by_the_gate_leaves_the_champion(
 
 
 def test_gate_refusals_leave_the_alias_and_say_why(outputs: dict[str, Any]) -> None:
-    """On the real registry: a version with an empty cluster, and one whose run kept K-means,
-    are tagged ``promoted=false`` and the champion stays; a passing one takes the alias."""
+    """On the real registry: a version with an empty cluster, and one whose model scores below
+    K-means on the guard's criterion, are tagged ``promoted=false`` and the champion stays; a
+    passing one takes the alias."""
     result = outputs["result"]
     client = MlflowClient(outputs["tracking_uri"])
     champion = client.get_model_version_by_alias("scan-lake", "champion")
@@ -465,13 +466,13 @@ def test_gate_refusals_leave_the_alias_and_say_why(outputs: dict[str, Any]) -> N
         parent_run_id=result["mlflow"]["parent_run_id"],
     )
     guard = {
-        "kept": "kmeans",
-        "criterion": "heldout_consistency",
+        "kept": "model",
+        "criterion": "knn_modularity",
         "model_score": 0.4,
         "kmeans_score": 0.5,
-        "reason": "K-means scored higher",
+        "reason": "the model was kept within the guard's margin",
     }
-    cases = [([60, 0, 61], None, "empty cluster"), ([40, 40, 41], guard, "K-means' partition")]
+    cases = [([60, 0, 61], None, "empty cluster"), ([40, 40, 41], guard, "scores below K-means")]
     for sizes, case_guard, why in cases:
         other = client.create_model_version("scan-lake", source, champion.run_id)
         decision = decide(sizes, case_guard, PromotionConfig())
@@ -483,7 +484,7 @@ def test_gate_refusals_leave_the_alias_and_say_why(outputs: dict[str, Any]) -> N
         now = client.get_model_version_by_alias("scan-lake", "champion")
         assert now.version == champion.version
     passing = client.create_model_version("scan-lake", source, champion.run_id)
-    decision = decide([40, 40, 41], {**guard, "kept": "model"}, PromotionConfig())
+    decision = decide([40, 40, 41], {**guard, "kmeans_score": 0.3}, PromotionConfig())
     promote(ref, "scan-lake", passing.version, decision, version_tags(decision, None, {}, {}))
     assert client.get_model_version_by_alias("scan-lake", "champion").version == passing.version
     client.set_registered_model_alias("scan-lake", "champion", champion.version)

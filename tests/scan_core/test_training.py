@@ -170,8 +170,37 @@ def test_selflabel_fails_clearly_when_nothing_is_confident() -> None:
     x, _ = synthetic(4)
     model = ClusteringModel(SmallCNNBackbone(1, 4), num_clusters=3)
     torch.nn.init.zeros_(model.cluster_heads.heads[0].weight)  # uniform predictions
-    with pytest.raises(NoConfidentSamplesError, match="selflabel.threshold"):
+    with pytest.raises(NoConfidentSamplesError, match="only 0 of .* images are predicted"):
         train_selflabel(x, model, SelfLabelConfig(threshold=0.99, epochs=1))
+
+
+def test_selflabel_needs_the_minimum_confident_fraction() -> None:
+    x, _ = synthetic(4)
+    model = ClusteringModel(SmallCNNBackbone(1, 4), num_clusters=3)
+    torch.nn.init.zeros_(model.cluster_heads.heads[0].weight)
+    torch.nn.init.zeros_(model.cluster_heads.heads[0].bias)  # every image: 1/3 per cluster
+    every = SelfLabelConfig(threshold=0.3, epochs=1, batch_size=6, min_confident_fraction=1.0)
+    assert train_selflabel(x, model, every).confident_counts[0] == len(x)
+    with pytest.raises(NoConfidentSamplesError, match="min_confident_fraction = 0.0"):
+        train_selflabel(x, model, SelfLabelConfig(threshold=0.34, min_confident_fraction=0.0))
+
+
+def test_spice_trains_on_reliable_labels_of_the_neighbours() -> None:
+    x, y = synthetic(12)
+    backbone = SmallCNNBackbone(1, width=8)
+    cfg = ScanConfig(num_clusters=3, epochs=3, batch_size=12, lr=1e-3, augment="weak")
+    neighbors = same_class_neighbors(y, 3)
+    model = train_scan(x, neighbors, backbone, cfg).model
+    # nothing is confident above 0.999, so every label comes from neighbour agreement
+    sl = train_selflabel(
+        x,
+        model,
+        SelfLabelConfig(method="spice", threshold=0.999, epochs=1, batch_size=12, patience=1),
+        neighbors=neighbors,
+    )
+    assert len(sl.history) == 1 and sl.history[0].metrics["loss"] > 0
+    with pytest.raises(ValueError, match="needs the mined neighbours"):
+        train_selflabel(x, model, SelfLabelConfig(method="spice", epochs=1))
 
 
 def test_head_warmup_alone_clusters_and_leaves_the_backbone_untouched() -> None:

@@ -1,0 +1,122 @@
+"""Guard stage: never hand out clusters worse than K-means on the run's own pretext embeddings
+without saying so.
+
+The trained model's partition (SCAN's, or step 4's, or another method's) and K-means on the
+embed stage's vectors are compared without labels (:func:`scan_core.guard.compare_partitions`:
+modularity on the mined kNN graph). The stage saves the kept one as a one-head clustering model
+(the trained model's checkpoint as it is, or K-means' nearest-centroid model), so assign,
+evaluate and the registry treat both alike, and its summary says which was kept and why.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+from prefect import task
+
+from scan_core.config import GuardConfig, ImageConfig, KMeansConfig
+from scan_core.guard import compare_partitions
+from scan_core.inference import predict_probabilities
+from scan_core.kmeans import fit_kmeans
+from tasks import checkpoints
+from tasks.clustering import save_kmeans_model
+from tasks.embed import read_embeddings
+from tasks.errors import ScanLakeError
+from tasks.neighbors import read_neighbor_indices
+from tasks.pixels import load_pixels
+from tasks.stage import STAGE_TASK_OPTIONS, StageOutput, StageRequest, StageRun, run_stage
+
+#: Both partitions, per unique image (columns image_id, model_cluster, kmeans_cluster).
+PARTITIONS_FILE = "partitions.parquet"
+
+#: The criterion the guard compares partitions with (recorded in summaries and tags).
+CRITERION = "knn_modularity"
+
+
+def guard_fn(
+    request: StageRequest,
+    model: StageOutput,
+    pretext: StageOutput,
+    embed: StageOutput,
+    neighbors: StageOutput,
+    catalog: StageOutput,
+) -> StageOutput:
+    """Compare the model's clusters with K-means on the embeddings; keep the better one.
+
+    ``request.config``: ``guard`` (:class:`GuardConfig`), ``kmeans`` (:class:`KMeansConfig`)
+    and ``device``.
+    """
+
+    def body(run: StageRun) -> dict[str, Any]:
+        settings = GuardConfig.model_validate(request.config["guard"])
+        km_settings = KMeansConfig.model_validate(request.config["kmeans"])
+        ids, I = read_neighbor_indices(run.workspace, neighbors)  # noqa: E741
+        embed_ids, vectors = read_embeddings(run.workspace, embed)
+        if embed_ids != ids:
+            raise ScanLakeError(
+                f"The embeddings of stage {embed.key[:12]} and the neighbours of stage "
+                f"{neighbors.key[:12]} list different images: point --workspace at a fresh "
+                "folder to recompute them."
+            )
+        image_config = ImageConfig.model_validate(catalog.summary["image_config"])
+        images = load_pixels(run.workspace, catalog.summary["image_config_key"], ids, image_config)
+        network = checkpoints.load_clustering_model(run.workspace, model.rel_dir)
+        probabilities = predict_probabilities(
+            network, images, device=str(request.config.get("device", "auto")), progress=None
+        )
+        k = probabilities.shape[1]
+        kmeans = fit_kmeans(vectors, k, km_settings)
+        decision = compare_partitions(
+            probabilities.argmax(axis=1), kmeans.predictions, I, k, settings.margin
+        )
+        run.write_table(
+            PARTITIONS_FILE,
+            pa.table(
+                {
+                    "image_id": ids,
+                    "model_cluster": pa.array(probabilities.argmax(axis=1), pa.int32()),
+                    "kmeans_cluster": pa.array(kmeans.predictions, pa.int32()),
+                }
+            ),
+        )
+        if decision.kept == "kmeans":
+            save_kmeans_model(run, kmeans, km_settings.temperature, pretext, catalog)
+        else:
+            for name in (checkpoints.CHECKPOINT, checkpoints.DESCRIPTION):
+                run.write_bytes(name, run.workspace.read_bytes(f"{model.rel_dir}/{name}"))
+        run.log_metrics(
+            {
+                **{f"guard/model_{k}": v for k, v in decision.model.as_dict().items()},
+                **{f"guard/kmeans_{k}": v for k, v in decision.kmeans.as_dict().items()},
+                "guard/kept_kmeans": float(decision.kept == "kmeans"),
+            }
+        )
+        return {
+            "kept": decision.kept,
+            "criterion": CRITERION,
+            "model_score": decision.model.modularity,
+            "kmeans_score": decision.kmeans.modularity,
+            "margin": decision.margin,
+            "reason": decision.reason,
+            "model_stage": model.stage,
+            "scores": {
+                "model": decision.model.as_dict(),
+                "kmeans": decision.kmeans.as_dict(),
+            },
+        }
+
+    return run_stage(request, body)
+
+
+@task(name="guard", **STAGE_TASK_OPTIONS)
+def guard(
+    request: StageRequest,
+    model: StageOutput,
+    pretext: StageOutput,
+    embed: StageOutput,
+    neighbors: StageOutput,
+    catalog: StageOutput,
+) -> StageOutput:
+    """Guard stage task (cached on the guard key)."""
+    return guard_fn(request, model, pretext, embed, neighbors, catalog)
