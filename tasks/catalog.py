@@ -74,7 +74,7 @@ def catalog_fn(request: StageRequest, listing: str) -> StageOutput:
     return run_stage(request, body)
 
 
-@task(name="catalog", **STAGE_TASK_OPTIONS, retries=2, retry_delay_seconds=[2, 10])
+@task(name="catalog", **STAGE_TASK_OPTIONS)
 def catalog(request: StageRequest, listing: str) -> StageOutput:
     """Catalog stage task (cached on the catalog key)."""
     return catalog_fn(request, listing)

@@ -31,7 +31,7 @@ from prefect.exceptions import MissingContextError
 from pydantic import BaseModel, ConfigDict
 
 from scan_core.config import GrowthConfig, ScanConfig, SelfLabelConfig
-from tasks.stage import MANIFEST, StageOutput, retry_on_io
+from tasks.stage import MANIFEST, StageOutput
 from tasks.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -187,9 +187,6 @@ def _log() -> Any:
 
 @task(
     name="plan-growth",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_on_io,
     cache_policy=NO_CACHE,
     persist_result=False,
 )
@@ -207,9 +204,6 @@ def plan_growth(
 
 @task(
     name="record-run",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_on_io,
     cache_policy=NO_CACHE,
     persist_result=False,
 )

@@ -32,7 +32,6 @@ from tasks import keys, pixels, progress
 from tasks.errors import ScanLakeError
 from tasks.schemas import LAKE_INDEX, LISTING
 from tasks.settings import MachineSettings
-from tasks.stage import retry_on_io
 from tasks.storage import ObjectInfo, Storage, unsafe_key
 
 logger = logging.getLogger(__name__)
@@ -257,14 +256,12 @@ def scan_lake_fn(lake_url: str, workspace_url: str, image_config: dict[str, Any]
 
 @task(
     name="scan-lake",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_on_io,
     persist_result=False,
     cache_policy=NO_CACHE,
 )
 def scan_lake(lake_url: str, workspace_url: str, image_config: dict[str, Any]) -> LakeSnapshot:
-    """Prefect task around :func:`scan_lake_fn` (always runs; retries I/O failures)."""
+    """Prefect task around :func:`scan_lake_fn` (always runs; the storage module retries
+    transient faults, the task does not)."""
     snapshot = scan_lake_fn(lake_url, workspace_url, image_config)
     get_run_logger().info("lake scan: %s", snapshot.summary())
     return snapshot

@@ -221,8 +221,6 @@ def backbone_candidates(
 
 @task(
     name="plan-pretext",
-    retries=2,
-    retry_delay_seconds=[2, 10],
     cache_policy=NO_CACHE,
     persist_result=False,
 )

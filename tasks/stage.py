@@ -268,19 +268,6 @@ def run_stage(request: StageRequest, body: Callable[[StageRun], dict[str, Any]])
     return output
 
 
-def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect ``retry_condition_fn``: retry I/O failures, never a user error or a denied access."""
-    from tasks.errors import ScanLakeError
-
-    try:
-        state.result()
-    except (ScanLakeError, PermissionError):
-        return False
-    except Exception:
-        return True
-    return False
-
-
 #: Prefect options of every stage task: cached on the stage key, persisted, never expiring.
 STAGE_TASK_OPTIONS: dict[str, Any] = {
     "cache_key_fn": stage_cache_key,

@@ -6,9 +6,12 @@ objects by a path relative to that root, so stages never build URLs by hand. Rel
 ``.``/``..`` segments or a leading ``/`` are refused, so nothing (an object key from the lake
 included) can address a file outside the root.
 
-Object-store calls that fail for lack of a connection are tried again with exponential backoff
-(``SCAN_LAKE_IO_ATTEMPTS``, ``SCAN_LAKE_IO_BACKOFF_SECONDS``) and then raise
-:class:`~tasks.errors.StorageUnavailableError`, one sentence naming the endpoint and the fix.
+Object-store calls run under the one retry policy of the pipeline (:meth:`Storage._io`, settings
+and worst case in :class:`tasks.settings.MachineSettings`): a transient fault
+(:func:`tasks.errors.is_transient`) is tried again with exponential backoff, within a number of
+attempts and a time budget (``SCAN_LAKE_IO_*``), and then raises
+:class:`~tasks.errors.StorageUnavailableError`, one sentence naming the endpoint and the fix;
+any other fault surfaces at once. The S3 clients underneath try each request once.
 """
 
 from __future__ import annotations
@@ -99,6 +102,8 @@ class Storage:
             raise ScanLakeError(
                 f"Cannot open '{url}' ({exc}): use a local path or an s3:// URL."
             ) from exc
+        if hasattr(self.fs, "retries"):
+            self.fs.retries = 1  # s3fs: one try per request; _io is the one retry loop
         self.root: str = self.fs._strip_protocol(self.url).rstrip("/")
 
     def __repr__(self) -> str:
@@ -131,35 +136,40 @@ class Storage:
         return path[len(self.root) :].lstrip("/")
 
     def _io(self, action: str, call: Callable[[], T]) -> T:
-        """Run one object-store ``call``; on a lost connection try again with exponential
-        backoff, then raise :class:`StorageUnavailableError` naming ``action``."""
+        """Run one object-store ``call`` under the retry policy: on a transient fault
+        (:func:`~tasks.errors.is_transient`) try again after ``io_backoff_seconds``, doubling,
+        at most ``io_attempts`` tries and none after ``io_max_seconds``, then raise
+        :class:`StorageUnavailableError` naming ``action``; any other fault surfaces at once."""
         if self.is_local:
             return call()
-        attempts = self.settings.io_attempts
-        for attempt in range(1, attempts + 1):
+        settings = self.settings
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 return call()
             except Exception as exc:
                 if not is_transient(exc):
                     raise
-                if attempt == attempts:
+                delay = settings.io_backoff_seconds * 2 ** (attempt - 1)
+                elapsed = time.monotonic() - start
+                if attempt >= settings.io_attempts or elapsed + delay > settings.io_max_seconds:
                     raise storage_unavailable(
-                        self.settings.s3_endpoint_name,
-                        f"{action} (after {attempts} attempts)",
+                        settings.s3_endpoint_name,
+                        f"{action} (after {attempt} attempts in {elapsed:.0f} s)",
                         exc,
                     ) from exc
-                delay = self.settings.io_backoff_seconds * 2 ** (attempt - 1)
                 logger.warning(
                     "%s failed (%s); retry %d/%d in %.1f s",
                     action,
                     type(exc).__name__,
                     attempt,
-                    attempts - 1,
+                    settings.io_attempts - 1,
                     delay,
                 )
                 time.sleep(delay)
                 self.fs.invalidate_cache()
-        raise AssertionError("unreachable")
 
     # -- checks -------------------------------------------------------------------------------
 
@@ -380,7 +390,10 @@ class Storage:
                 try:
                     self.fs.pipe_file(final, data, IfNoneMatch="*")
                 except OSError:
-                    if self.exists(rel):  # 412 Precondition Failed / 409 conflict: it is there
+                    # 412 Precondition Failed / 409 conflict: it is there (checked within this
+                    # try, so a lost connection is retried by the one loop around it)
+                    self.fs.invalidate_cache(final)
+                    if self.fs.exists(final):
                         return False
                     raise
                 return True
