@@ -57,10 +57,12 @@ def committed_table(fs: Any, workspace: str, record: dict[str, Any], name: str) 
     ``bucket/prefix`` on ``fs``)."""
     import pyarrow.parquet as pq
 
-    from tasks.stage import committed_dir
+    from tasks.manifest import StageManifest, committed_dir
 
     stage_dir = f"{record['stage']}/{record['key']}"
-    manifest = json.loads(fs.cat_file(f"{workspace}/{stage_dir}/_manifest.json"))
+    manifest = StageManifest.model_validate_json(
+        fs.cat_file(f"{workspace}/{stage_dir}/_manifest.json")
+    )
     return pq.read_table(f"{workspace}/{committed_dir(stage_dir, manifest)}/{name}", filesystem=fs)
 
 

@@ -50,7 +50,7 @@ from tasks.neighbors import neighbors
 from tasks.pretext import PretextPlan, plan_pretext, pretext, pretext_stage_config
 from tasks.selflabel import selflabel
 from tasks.settings import MachineSettings
-from tasks.stage import StageOutput, StageRequest, result_storage_for
+from tasks.stage import StageOutput, StageRequest
 from tasks.storage import Storage
 from tasks.tracking import TrackingRef
 
@@ -117,24 +117,21 @@ def validate_request(
 
 
 class _Runner:
-    """Calls stage tasks with the workspace's result storage and records cache hits."""
+    """Calls stage tasks and records cache hits (a stage whose committed manifest was reused)."""
 
-    def __init__(self, storage: Any, ref: TrackingRef) -> None:
-        self.storage, self.ref = storage, ref
+    def __init__(self, ref: TrackingRef) -> None:
+        self.ref = ref
         self.records: dict[str, StageRecord] = {}
 
     def __call__(self, task_obj: Any, request: StageRequest, *inputs: Any) -> StageOutput:
         log = get_run_logger()
-        state = task_obj.with_options(result_storage=self.storage)(
-            request, *inputs, return_state=True
-        )
+        state = task_obj(request, *inputs, return_state=True)
         output: StageOutput = state.result()
-        cached = state.name == "Cached" or output.reused
+        cached = output.reused
         name = task_obj.name
         run_id = output.run_id
         if cached:
-            how = "Prefect cache" if state.name == "Cached" else "manifest"
-            log.info("%s: cached (%s, key %s)", name, how, request.key[:12])
+            log.info("%s: cached (manifest, key %s)", name, request.key[:12])
             run_id = tracking.record_cached_stage(self.ref, name, request.key, output.run_id)
         else:
             log.info("%s: ran in %.1fs (key %s)", name, output.seconds, request.key[:12])
@@ -279,7 +276,7 @@ def summary_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@flow(name="scan_pipeline", log_prints=True)
+@flow(name="scan_pipeline", log_prints=True, persist_result=False)
 def scan_pipeline(
     lake: str,
     workspace: str,
@@ -454,7 +451,7 @@ def _run_stages(
         },
     )
     validate_request(cfg, snapshot, auto_clusters)
-    run = _Runner(result_storage_for(ws), ref)
+    run = _Runner(ref)
 
     def request(stage: str, key: str, config: dict[str, Any]) -> StageRequest:
         return StageRequest(stage=stage, key=key, workspace=ws.url, config=config, tracking=ref)

@@ -66,6 +66,11 @@ class StorageUnavailableError(ScanLakeError):
     """The object store stopped answering and our retries with backoff did not bring it back."""
 
 
+class WorkspaceFileError(ScanLakeError):
+    """A file read back from the workspace is unreadable, malformed or inconsistent (damaged or
+    written by someone else): the sentence names the file, what is wrong and what to delete."""
+
+
 def _chain(exc: BaseException) -> list[BaseException]:
     seen: list[BaseException] = []
     current: BaseException | None = exc
@@ -113,8 +118,8 @@ def user_error(exc: BaseException) -> ScanLakeError | None:
     """``exc`` as a :class:`ScanLakeError` when a user can fix its cause, else None.
 
     Recognised: our own errors anywhere in the chain, lost connections to the object store
-    (raised by Prefect's result storage or MLflow's artifact upload, which our retries do not
-    wrap), denied access and a full disk.
+    (raised by MLflow's artifact upload, which the storage module's retries do not wrap),
+    denied access and a full disk.
     """
     chain = _chain(exc)
     for item in chain:

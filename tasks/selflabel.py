@@ -34,8 +34,8 @@ def selflabel_fn(request: StageRequest, scan: StageOutput, catalog: StageOutput)
         except NoConfidentSamplesError as exc:
             raise ScanLakeError(str(exc)) from exc
         run.write_bytes(checkpoints.CHECKPOINT, checkpoints.state_bytes(result.model), log=True)
-        description = run.workspace.read_json(f"{scan.rel_dir}/{checkpoints.DESCRIPTION}")
-        run.write_json(checkpoints.DESCRIPTION, description, log=True)
+        description = checkpoints.read_clustering_description(run.workspace, scan.rel_dir)
+        run.write_json(checkpoints.DESCRIPTION, description.model_dump(exclude_none=True), log=True)
         return {
             "epochs": len(result.history),
             "confident_start": result.confident_counts[0],
