@@ -423,7 +423,7 @@ class Storage:
         except (FileNotFoundError, PermissionError, ScanLakeError):
             raise
         except (pa.ArrowException, OSError, ValueError) as exc:
-            detail = _short(exc).replace(f" '{path}'", "").replace(f"'{path}'", "it")
+            detail = _short(exc, without=path)
             raise self.bad_file(rel, f"is not a readable Parquet file ({detail})") from exc
         if schema is not None:
             wanted = [schema.field(c) for c in columns] if columns else list(schema)
@@ -515,9 +515,13 @@ class Storage:
             self._io(f"removing {self.uri(rel)}", lambda: self.fs.rm(path, recursive=True))
 
 
-def _short(exc: BaseException) -> str:
-    """``exc`` on one line, at most 160 characters."""
-    return " ".join(f"{type(exc).__name__}: {exc}".split())[:160]
+def _short(exc: BaseException, without: str = "") -> str:
+    """``exc`` on one line, at most 160 characters, without the quoted path ``without`` (the
+    sentence names the file already)."""
+    text = f"{type(exc).__name__}: {exc}"
+    if without:
+        text = text.replace(f" '{without}'", "")
+    return " ".join(text.split())[:160]
 
 
 def validation_problem(exc: ValidationError) -> str:
