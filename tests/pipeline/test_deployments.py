@@ -2,11 +2,11 @@
 
 - ``scan-lake serve`` registers the deployment (cron schedule, lake/workspace/clusters/config
   parameters) and its runner executes a run requested through the API;
-- ``scan-lake deploy`` registers it on a process work pool and a real ``prefect worker`` runs it;
+- ``scan-lake deploy`` registers it on a process work pool and a real ``prefect worker`` runs
+  two runs requested at once, one after the other;
 - ``prefect deploy`` registers ``prefect.yaml`` (the same deployment in Prefect's format) and a
   worker started outside the checkout runs it from ``SCAN_LAKE_CHECKOUT``;
-- every way, the deployment runs one flow run at a time: two runs requested at once both
-  complete, one after the other.
+- every way, the deployment has a concurrency limit of one run (later runs wait).
 
 The runs go to the same tiny lake and workspace, so the later runs are cache hits.
 """
@@ -224,9 +224,29 @@ def test_serve_registers_the_schedule_and_runs_the_flow(
         _stop(serve)
 
 
-def test_deploy_on_a_work_pool_runs_through_a_process_worker(
+def _run_twice_at_once(url: str, deployment_id: Any, log: Path, timeout: float = 600) -> Any:
+    """Create two runs of the deployment at once; wait until both are final. Returns both
+    runs and the names of the states they went through."""
+    with _client(url) as client:
+        ids = [client.create_flow_run_from_deployment(deployment_id).id for _ in range(2)]
+        deadline = time.monotonic() + timeout
+        while True:
+            runs = [client.read_flow_run(i) for i in ids]
+            if all(r.state is not None and r.state.is_final() for r in runs):
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"the two runs did not finish: {log.read_text()[-3000:]}")
+            time.sleep(2)
+        passed = {s.name for r in runs for s in client.read_flow_run_states(r.id)}
+    return runs, passed
+
+
+def test_deploy_on_a_work_pool_runs_one_run_at_a_time_through_a_process_worker(
     prefect_api: Any, tiny_lake: dict[str, str]
 ) -> None:
+    """A process worker (no limit of its own) gets two runs of the deployment at once: the
+    server starts one, the other waits for the slot (not dropped); both complete and their
+    running times do not overlap."""
     root: Path = prefect_api["root"]
     env = prefect_api["env"]
     args = ["deploy", "--lake", tiny_lake["lake"], "--workspace", tiny_lake["workspace"]]
@@ -246,12 +266,17 @@ def test_deploy_on_a_work_pool_runs_through_a_process_worker(
         assert deployment.work_pool_name == "scan-lake-test"
         assert [s.schedule.cron for s in deployment.schedules] == [CRON]
         assert _one_at_a_time(deployment)
-        flow_run = _run_and_wait(prefect_api["url"], deployment.id, [log])
-        assert flow_run.state.is_completed(), log.read_text()[-3000:]
-        mlflow_run = _mlflow_run_of(str(flow_run.id))
-        assert mlflow_run.data.tags["stages_run"] == "none"  # the served run made every stage
+        runs, passed = _run_twice_at_once(prefect_api["url"], deployment.id, log)
     finally:
         _stop(worker)
+    assert all(r.state.is_completed() for r in runs), log.read_text()[-3000:]
+    first, second = sorted(runs, key=lambda r: r.start_time)
+    assert first.end_time is not None and second.start_time is not None
+    assert first.end_time <= second.start_time, (first.end_time, second.start_time)
+    assert "AwaitingConcurrencySlot" in passed  # the second was held back, then ran
+    for run in runs:
+        mlflow_run = _mlflow_run_of(str(run.id))
+        assert mlflow_run.data.tags["stages_run"] == "none"  # the served run made every stage
 
 
 def test_deploy_with_clusters_auto_registers_auto_and_the_server_accepts_a_run(
@@ -362,49 +387,3 @@ def test_prefect_deploy_registers_prefect_yaml_and_a_worker_runs_it(
         assert mlflow_run.data.tags["lake"] == tiny_lake["lake"]
     finally:
         _stop(worker)
-
-
-def test_two_runs_requested_at_once_run_one_after_the_other(
-    prefect_api: Any, tiny_lake: dict[str, str]
-) -> None:
-    """A process worker (no limit of its own) gets two runs of the deployment at once: the
-    server starts one, the other waits for the slot (not dropped); both complete and their
-    running times do not overlap."""
-    root: Path = prefect_api["root"]
-    env = prefect_api["env"]
-    args = ["deploy", "--lake", tiny_lake["lake"], "--workspace", tiny_lake["workspace"]]
-    args += ["--config", str(TINY_CONFIG), "--cron", CRON, "--name", "one-at-a-time"]
-    done = run_cli([*args, "--work-pool", "scan-lake-test"], env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    log = root / "one-at-a-time-worker.log"
-    worker = _start(
-        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "scan-lake-test"], env, log
-    )
-    try:
-        with _client(prefect_api["url"]) as client:
-            deployment = client.read_deployment_by_name("scan_pipeline/one-at-a-time")
-            assert _one_at_a_time(deployment)
-            ids = [client.create_flow_run_from_deployment(deployment.id).id for _ in range(2)]
-            deadline = time.monotonic() + 600
-            while True:
-                runs = [client.read_flow_run(i) for i in ids]
-                if all(r.state is not None and r.state.is_final() for r in runs):
-                    break
-                if time.monotonic() > deadline:
-                    pytest.fail(f"the two runs did not finish: {log.read_text()[-3000:]}")
-                time.sleep(2)
-            waited = [
-                s.name
-                for r in runs
-                for s in client.read_flow_run_states(r.id)
-                if s.name == "AwaitingConcurrencySlot"
-            ]
-    finally:
-        _stop(worker)
-    assert all(r.state is not None and r.state.is_completed() for r in runs), log.read_text()[
-        -3000:
-    ]
-    first, second = sorted(runs, key=lambda r: r.start_time)
-    assert first.end_time is not None and second.start_time is not None
-    assert first.end_time <= second.start_time, (first.end_time, second.start_time)
-    assert waited  # the second run was held back by the limit, then ran
