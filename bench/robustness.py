@@ -1,5 +1,6 @@
-"""Robustness benchmark (issue 6): every bad-input, bad-request, fault and security case against
-real servers (SeaweedFS S3, MLflow on sqlite, a Prefect server), through the real console script.
+"""Robustness benchmark (issues 6, 26): every bad-input, bad-request, fault, security and trust
+case against real servers (SeaweedFS S3, MLflow on sqlite, a Prefect server), through the real
+console script.
 
 Cases, reusing the test helpers of ``tests/pipeline`` (messy.py, bad_requests.py, faults.py,
 leaks.py):
@@ -9,7 +10,12 @@ leaks.py):
 - faults: the S3 server killed mid-run then restarted and the command rerun; SIGKILL while a
   stage writes, then a rerun; two runs on one workspace at once; the lake's keys and ETags;
 - security: a planted secret searched for everywhere a run records things; a checkpoint that
-  would run code; a config file with a Python tag; keys that look like paths.
+  would run code; a config file with a Python tag; keys that look like paths;
+- trust (issue 26): after one run, every file of the workspace that a rerun reads, replaced by
+  a pickle that would run code, garbage, half of itself, nothing, or JSON / Parquet of another
+  shape (``tests/pipeline/planted.py``): refused with one sentence naming it, or recomputed,
+  and the code never runs; reruns of the console script over Prefect result records naming the
+  pickle serializer, pickled manifests, checkpoints and pixel store shards.
 
 Writes ``bench/results/robustness.json`` and ``bench/results/robustness.md``: every case tried,
 what happened (the sentence, or the quarantine reason), and for every run that completed the
@@ -57,10 +63,12 @@ def committed_table(fs: Any, workspace: str, record: dict[str, Any], name: str) 
     ``bucket/prefix`` on ``fs``)."""
     import pyarrow.parquet as pq
 
-    from tasks.stage import committed_dir
+    from tasks.manifest import StageManifest, committed_dir
 
     stage_dir = f"{record['stage']}/{record['key']}"
-    manifest = json.loads(fs.cat_file(f"{workspace}/{stage_dir}/_manifest.json"))
+    manifest = StageManifest.model_validate_json(
+        fs.cat_file(f"{workspace}/{stage_dir}/_manifest.json")
+    )
     return pq.read_table(f"{workspace}/{committed_dir(stage_dir, manifest)}/{name}", filesystem=fs)
 
 
@@ -377,6 +385,83 @@ def security(report: Report, work: Path, fashion: Any, secure: Any) -> None:
     )
 
 
+def trust(report: Report, work: Path, fashion: Any) -> None:
+    """Planted files in a finished local workspace: per kind of file, in-process through the
+    pipeline's reader, then reruns of the console script."""
+    from tests.pipeline.planted import (
+        KINDS,
+        context,
+        every_file,
+        finished_run,
+        kind_of,
+        pickle_payload,
+        plant_and_read,
+        plant_kind,
+        plant_recomputed_kinds,
+        rerun,
+        torch_payload,
+    )
+
+    home = work / "planted"
+    home.mkdir()
+    finished = finished_run(home, fashion)
+    ctx = context(finished)
+    marker = work / "planted-code-ran"
+    files = every_file(finished.workspace)
+    for kind in KINDS:
+        mine = [rel for rel in files if kind_of(rel) is kind]
+        if not mine:  # e.g. Prefect result records: the reruns below plant them
+            continue
+        if kind.outcome == "unread":
+            report.case(
+                "trust",
+                f"{kind.name} ({len(mine)} files)",
+                "never read back by a run (written for people and MLflow, or left by earlier "
+                "versions)",
+                True,
+            )
+            continue
+        tried = [plant_and_read(ctx, rel, v, marker) for rel in mine for v in kind.variants]
+        example = next((p for p in tried if p.variant == "pickle"), tried[0])
+        verdict = (
+            "refused with one sentence naming the file"
+            if kind.outcome == "refused"
+            else ("recomputed")
+        )
+        report.case(
+            "trust",
+            f"{kind.name}: {', '.join(kind.variants)} ({len(mine)} files)",
+            f"{sum(p.ok for p in tried)} of {len(tried)} {verdict}, no code run; pickle: "
+            f"{example.happened.replace(str(finished.workspace), '<ws>')[:400]}",
+            bool(tried) and all(p.ok for p in tried) and not marker.exists(),
+        )
+
+    reruns = [
+        ("recomputed", plant_recomputed_kinds(finished), [], 0),
+        ("manifests", plant_kind("stage manifest", pickle_payload), [], 2),
+        ("checkpoints", plant_kind("checkpoint", torch_payload), ["--set", "scan.epochs=2"], 2),
+        ("pixels", plant_kind("pixel store shard", pickle_payload), [], 2),
+    ]
+    names = {
+        "recomputed": "Prefect result records naming the pickle serializer under _prefect/<stage "
+        "key>, pickled run record, lake index and snapshot",
+        "manifests": "every stage manifest pickled",
+        "checkpoints": "every checkpoint a torch archive holding the payload, and a changed SCAN "
+        "setting (the pretext model is loaded)",
+        "pixels": "every pixel store shard pickled",
+    }
+    for name, plant, extra, status in reruns:
+        got, planted = rerun(finished, name, plant, extra)
+        cached = got.result is not None and got.result["stages_run"] == []
+        happened = (
+            f"exit {got.status}, {len(planted)} files planted, code run: {got.code_ran}; "
+            + ("every stage cached" if cached else one_line(got.output))
+        )
+        ok = got.status == status and not got.code_ran and "Traceback" not in got.output
+        ok = ok and (cached if status == 0 else len(got.errors) == 1)
+        report.case("trust", f"rerun: {names[name]}", happened.replace(str(home), "<home>"), ok)
+
+
 class _RunsCode:
     """Pickles as a call of ``os.mkdir(marker)``: runs code if ever unpickled."""
 
@@ -392,7 +477,7 @@ def markdown(report: Report, seconds: float) -> str:
     ok = sum(c["ok"] for c in report.cases)
     holds = sum(r["holds"] for r in report.runs)
     lines = [
-        "# Robustness benchmark (issue 6)",
+        "# Robustness benchmark (issues 6, 26)",
         "",
         f"{len(report.cases)} cases, {ok} as required; the invariant objects in lake = clustered "
         f"+ quarantined held in {holds} of {len(report.runs)} completed runs. Real SeaweedFS S3, "
@@ -478,6 +563,7 @@ def main() -> None:
             bad_requests(report, work, fashion, secure)
             faults(report, work, fashion)
             security(report, work, fashion, secure)
+            trust(report, work, fashion)
     finally:
         secure_server.stop()
         anonymous.stop()

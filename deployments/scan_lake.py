@@ -14,6 +14,12 @@ Re-clustering a growing lake on a schedule, Prefect's two ways:
 Both need a running Prefect server (``PREFECT_API_URL``), not the ephemeral one. The flow runs
 read machine settings (S3 endpoint, credentials, MLflow) from the serve/worker process's
 environment (``tasks/settings.py``).
+
+**One run at a time.** The deployment (either way, and ``prefect.yaml``'s) has a concurrency
+limit of one with the ``ENQUEUE`` collision strategy (:func:`one_run_at_a_time`): the Prefect
+server lets one run of it start; a run due or requested meanwhile waits (state
+``AwaitingConcurrencySlot``) and starts when the running one ends, so two runs of one lake never
+overlap and none is dropped.
 """
 
 from __future__ import annotations
@@ -73,10 +79,18 @@ def describe(parameters: dict[str, Any]) -> str:
     return f"Re-cluster {parameters['lake']} into {into}."
 
 
+def one_run_at_a_time() -> Any:
+    """The deployment's concurrency limit: one run at a time, later runs wait (not dropped)."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    return ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
+
+
 def build_deployment(
     parameters: dict[str, Any], name: str = DEPLOYMENT_NAME, cron: str = DEFAULT_CRON
 ) -> Any:
-    """``scan_pipeline.to_deployment`` with the cron schedule and parameters (for ``serve``)."""
+    """``scan_pipeline.to_deployment`` with the cron schedule, parameters and the limit of one
+    run at a time (for ``serve``)."""
     from flows.pipeline import scan_pipeline
 
     return scan_pipeline.to_deployment(
@@ -85,6 +99,7 @@ def build_deployment(
         parameters=parameters,
         tags=TAGS,
         description=describe(parameters),
+        concurrency_limit=one_run_at_a_time(),
     )
 
 
@@ -157,5 +172,6 @@ def deploy_to_work_pool(
         parameters=parameters,
         tags=TAGS,
         description=describe(parameters),
+        concurrency_limit=one_run_at_a_time(),
     )
     return deployment.apply()  # type: ignore[no-any-return]

@@ -63,7 +63,7 @@ from tasks.pretext import PretextPlan, plan_pretext, pretext, pretext_stage_conf
 from tasks.profile import profile_lake
 from tasks.selflabel import selflabel
 from tasks.settings import MachineSettings
-from tasks.stage import StageOutput, StageRequest, result_storage_for
+from tasks.stage import StageOutput, StageRequest
 from tasks.storage import Storage
 from tasks.tracking import TrackingRef
 
@@ -132,28 +132,26 @@ def validate_request(
 
 
 class _Runner:
-    """Calls stage tasks with the workspace's result storage and records cache hits."""
+    """Calls stage tasks and records cache hits (a stage whose committed manifest was reused)."""
 
-    def __init__(self, storage: Any, ref: TrackingRef) -> None:
-        self.storage, self.ref = storage, ref
+    def __init__(self, ref: TrackingRef) -> None:
+        self.ref = ref
         self.records: dict[str, StageRecord] = {}
 
     def __call__(self, task_obj: Any, request: StageRequest, *inputs: Any) -> StageOutput:
         log = get_run_logger()
         name = task_obj.name
-        state = task_obj.with_options(result_storage=self.storage)(
-            request, *inputs, return_state=True
-        )
+        state = task_obj(request, *inputs, return_state=True)
         try:
             output: StageOutput = state.result()
         except BaseException as exc:
             mark_stage(exc, name)
             raise
-        cached = state.name == "Cached" or output.reused
+        cached = output.reused
         how = ""
         if cached:
-            how = "Prefect cache" if state.name == "Cached" else "manifest"
-            log.info("%s: cached (%s, key %s)", name, how, request.key[:12])
+            how = "manifest"
+            log.info("%s: cached (manifest, key %s)", name, request.key[:12])
         else:
             log.info("%s: ran in %.1fs (key %s)", name, output.seconds, request.key[:12])
         tracking.record_stage(self.ref, name, request.key, cached, output.run_id, how)
@@ -323,7 +321,7 @@ def summary_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@flow(name="scan_pipeline", log_prints=True)
+@flow(name="scan_pipeline", log_prints=True, persist_result=False)
 def scan_pipeline(
     lake: str,
     workspace: str,
@@ -679,7 +677,7 @@ def _run_stages(
         },
     )
     validate_request(cfg, snapshot, auto_clusters)
-    run = _Runner(result_storage_for(ws), ref)
+    run = _Runner(ref)
 
     def request(stage: str, key: str, config: dict[str, Any]) -> StageRequest:
         return StageRequest(stage=stage, key=key, workspace=ws.url, config=config, tracking=ref)

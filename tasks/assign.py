@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import task
 
 from scan_core.config import ImageConfig
@@ -34,8 +35,19 @@ LINEAGE_FILE = "cluster_lineage.parquet"
 
 
 def read_assignments(workspace: Storage, assign: StageOutput) -> pa.Table:
-    """The assignments table (one row per lake object)."""
-    return workspace.read_table(f"{assign.rel_dir}/{ASSIGNMENTS_FILE}")
+    """The assignments table (one row per lake object).
+
+    Raises:
+        WorkspaceFileError: it is not an assignments table, or its clusters and probabilities
+            are not those of the stage's cluster ids.
+    """
+    rel = f"{assign.rel_dir}/{ASSIGNMENTS_FILE}"
+    table = workspace.read_table(rel, schema=ASSIGNMENTS)
+    ids = cluster_ids_of(assign)
+    lengths = pc.unique(pc.list_value_length(table["probabilities"])).to_pylist()
+    if not set(table["cluster"].to_pylist()) <= set(ids) or lengths not in ([], [len(ids)]):
+        raise workspace.bad_file(rel, f"does not assign the stage's {len(ids)} clusters")
+    return table
 
 
 def cluster_ids_of(assign: StageOutput) -> list[int]:
@@ -47,7 +59,10 @@ def cluster_ids_of(assign: StageOutput) -> list[int]:
 
 def image_clusters(workspace: Storage, assign: StageOutput) -> dict[str, int]:
     """image_id -> stable cluster id of every image of an assign stage."""
-    table = workspace.read_table(f"{assign.rel_dir}/{ASSIGNMENTS_FILE}", ["image_id", "cluster"])
+    rel = f"{assign.rel_dir}/{ASSIGNMENTS_FILE}"
+    table = workspace.read_table(rel, ["image_id", "cluster"], schema=ASSIGNMENTS)
+    if not set(table["cluster"].to_pylist()) <= set(cluster_ids_of(assign)):
+        raise workspace.bad_file(rel, "assigns clusters that are not the stage's cluster ids")
     return dict(zip(table["image_id"].to_pylist(), table["cluster"].to_pylist(), strict=True))
 
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import task
 
-from tasks.schemas import CATALOG, QUARANTINE
+from tasks.schemas import CATALOG, LISTING, QUARANTINE
 from tasks.stage import STAGE_TASK_OPTIONS, StageOutput, StageRequest, StageRun, run_stage
 from tasks.storage import Storage
 
@@ -17,8 +17,12 @@ QUARANTINE_FILE = "quarantine.parquet"
 
 
 def read_catalog(workspace: Storage, catalog: StageOutput) -> pa.Table:
-    """The catalog table of a catalog stage output."""
-    return workspace.read_table(f"{catalog.rel_dir}/{CATALOG_FILE}")
+    """The catalog table of a catalog stage output.
+
+    Raises:
+        WorkspaceFileError: it is not a catalog table (:data:`tasks.schemas.CATALOG`).
+    """
+    return workspace.read_table(f"{catalog.rel_dir}/{CATALOG_FILE}", schema=CATALOG)
 
 
 def catalog_fn(request: StageRequest, listing: str) -> StageOutput:
@@ -28,7 +32,7 @@ def catalog_fn(request: StageRequest, listing: str) -> StageOutput:
     """
 
     def body(run: StageRun) -> dict[str, Any]:
-        rows = run.workspace.read_table(listing)
+        rows = run.workspace.read_table(listing, schema=LISTING)
         ok = pc.is_null(rows["reason"])
         good = rows.filter(ok)
         bad = rows.filter(pc.invert(ok))
@@ -74,7 +78,7 @@ def catalog_fn(request: StageRequest, listing: str) -> StageOutput:
     return run_stage(request, body)
 
 
-@task(name="catalog", **STAGE_TASK_OPTIONS, retries=2, retry_delay_seconds=[2, 10])
+@task(name="catalog", **STAGE_TASK_OPTIONS)
 def catalog(request: StageRequest, listing: str) -> StageOutput:
     """Catalog stage task (cached on the catalog key)."""
     return catalog_fn(request, listing)

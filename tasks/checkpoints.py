@@ -6,19 +6,25 @@ optionally followed by an L2-normalised embedding head (two-stage and K-means mo
 pretext embedding), and one cluster head (linear, or Norm-FC for two-stage). The description
 says which; descriptions written before the methods existed mean a plain backbone and a linear
 head.
+
+Both files are read back from the workspace, so neither is trusted: the checkpoint is never
+unpickled beyond tensors (``weights_only=True``) and must fit the network its description builds;
+the description is validated (:class:`PretextDescription`, :class:`ClusteringDescription`). A file
+that fails is a :class:`~tasks.errors.WorkspaceFileError` naming it.
 """
 
 from __future__ import annotations
 
 import io
 import pickle
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
-from scan_core.config import PretextConfig, SuperANDConfig
+from scan_core.config import BackboneName, PretextConfig, SuperANDConfig
 from scan_core.models import (
     ClusteringModel,
     EmbeddingHead,
@@ -29,11 +35,60 @@ from scan_core.models import (
 )
 from scan_core.pretext import build_pretext_model
 from scan_core.twostage import EmbeddingBackbone
-from tasks.errors import ScanLakeError
-from tasks.storage import Storage
+from tasks.storage import Storage, validation_problem
 
 CHECKPOINT = "model.pt"
 DESCRIPTION = "model.json"
+
+
+class PretextDescription(BaseModel):
+    """``model.json`` of a pretext stage: its stage config and the image channels."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    config: dict[str, Any]
+    in_channels: Literal[1, 3]
+
+
+class EmbeddingDescription(BaseModel):
+    """The embedding head between backbone and cluster head (:func:`embedding_description`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    head: Literal["none", "simclr", "linear"]
+    dim: int | None = Field(None, ge=1, le=65536)
+    hidden: int | None = Field(None, ge=1, le=65536)
+
+    @model_validator(mode="after")
+    def _sizes_of_the_head(self) -> EmbeddingDescription:
+        needs = {"none": (), "linear": ("dim",), "simclr": ("dim", "hidden")}[self.head]
+        missing = [name for name in needs if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"a {self.head} embedding head needs {' and '.join(missing)}")
+        return self
+
+
+class ClusterHeadDescription(BaseModel):
+    """A Norm-FC cluster head (two-stage)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["normfc"]
+    temperature: float = Field(gt=0)
+    norm_axis: Literal["cluster", "feature"]
+
+
+class ClusteringDescription(BaseModel):
+    """``model.json`` of a clustering stage (scan, selflabel, assign): what
+    :func:`build_clustering_model` needs (:func:`clustering_description`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backbone: BackboneName
+    in_channels: Literal[1, 3]
+    num_clusters: int = Field(ge=2, le=100_000)
+    embedding: EmbeddingDescription | None = None
+    cluster_head: ClusterHeadDescription | None = None
 
 
 def state_bytes(model: torch.nn.Module) -> bytes:
@@ -48,37 +103,95 @@ def load_state(workspace: Storage, rel_dir: str) -> dict[str, Any]:
     containers only, so a checkpoint that would run code when loaded is refused, never run.
 
     Raises:
-        ScanLakeError: the checkpoint holds other Python objects, or is not a checkpoint.
+        WorkspaceFileError: the checkpoint holds other Python objects, or is not a checkpoint.
     """
     path = f"{rel_dir}/{CHECKPOINT}"
     data = workspace.read_bytes(path)
-    cause: Exception
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)  # type: ignore[no-any-return]
-    except pickle.UnpicklingError as exc:
-        problem, cause = "holds Python objects other than tensors, which are never unpickled", exc
-    except RuntimeError as exc:  # not a torch zip archive: truncated or overwritten
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # a Python object, or bytes that are no pickle
+        reason = str(exc).partition("WeightsUnpickler error:")[2] or str(exc)
+        problem = (
+            "is not a checkpoint of tensors only: the tensors-only loader refused it and nothing "
+            f"in it was run ({_detail(reason)})"
+        )
+        raise workspace.bad_file(path, problem) from exc
+    except (RuntimeError, EOFError, ValueError) as exc:  # not a torch archive: cut or replaced
+        raise workspace.bad_file(
+            path, f"is not a readable PyTorch checkpoint ({_detail(exc)})"
+        ) from exc
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise workspace.bad_file(path, "is not a state_dict of named tensors")
+    return state
+
+
+def _detail(exc: object) -> str:
+    text = " ".join(str(exc).split())[:120]
+    return text or type(exc).__name__
+
+
+def _fill(model: nn.Module, workspace: Storage, rel_dir: str) -> None:
+    """Load the stage's checkpoint into ``model``, which its description built.
+
+    Raises:
+        WorkspaceFileError: the checkpoint does not fit that network.
+    """
+    state = load_state(workspace, rel_dir)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors
         detail = " ".join(str(exc).split())[:120]
-        problem, cause = f"is not a readable PyTorch checkpoint ({detail})", exc
-    raise ScanLakeError(
-        f"The checkpoint {workspace.uri(path)} {problem}: point --workspace at a fresh folder "
-        "to recompute the stages, and check who can write this one."
-    ) from cause
+        raise workspace.bad_file(
+            f"{rel_dir}/{CHECKPOINT}",
+            f"does not fit the network {DESCRIPTION} describes ({detail})",
+        ) from exc
+
+
+def read_pretext_description(workspace: Storage, rel_dir: str) -> PretextDescription:
+    """The validated ``model.json`` of a pretext stage folder.
+
+    Raises:
+        WorkspaceFileError: it is not a pretext model description.
+    """
+    return workspace.read_model(
+        f"{rel_dir}/{DESCRIPTION}", PretextDescription, "pretext model description"
+    )
+
+
+def read_clustering_description(workspace: Storage, rel_dir: str) -> ClusteringDescription:
+    """The validated ``model.json`` of a scan, selflabel or assign stage folder.
+
+    Raises:
+        WorkspaceFileError: it is not a clustering model description.
+    """
+    return workspace.read_model(
+        f"{rel_dir}/{DESCRIPTION}", ClusteringDescription, "clustering model description"
+    )
 
 
 def load_pretext_model(workspace: Storage, rel_dir: str) -> PretextModel:
-    """Rebuild the pretext model of a pretext stage directory."""
-    description = workspace.read_json(f"{rel_dir}/{DESCRIPTION}")
-    config = dict(description["config"])
-    if config.get("method") == "superand":  # backbone + 128-d embedding head
-        superand = SuperANDConfig.model_validate({k: v for k, v in config.items() if k != "method"})
-        backbone = build_backbone(superand.backbone, description["in_channels"])
-        model = PretextModel(backbone, EmbeddingHead(backbone.out_dim, superand.feature_dim))
-    else:
-        model = build_pretext_model(
-            PretextConfig.model_validate(config), description["in_channels"]
-        )
-    model.load_state_dict(load_state(workspace, rel_dir))
+    """Rebuild the pretext model of a pretext stage directory.
+
+    Raises:
+        WorkspaceFileError: the description or the checkpoint cannot be used.
+    """
+    description = read_pretext_description(workspace, rel_dir)
+    config = dict(description.config)
+    try:
+        if config.get("method") == "superand":  # backbone + 128-d embedding head
+            settings = {k: v for k, v in config.items() if k != "method"}
+            superand = SuperANDConfig.model_validate(settings)
+            backbone = build_backbone(superand.backbone, description.in_channels)
+            model = PretextModel(backbone, EmbeddingHead(backbone.out_dim, superand.feature_dim))
+        else:
+            pretext = PretextConfig.model_validate(config)
+            model = build_pretext_model(pretext, description.in_channels)
+    except ValidationError as exc:
+        problem = f"has an invalid pretext config ({validation_problem(exc)})"
+        raise workspace.bad_file(f"{rel_dir}/{DESCRIPTION}", problem) from exc
+    _fill(model, workspace, rel_dir)
     return model.eval()
 
 
@@ -94,12 +207,13 @@ def embedding_description(head: nn.Module | None) -> dict[str, Any]:
     raise ValueError(f"no checkpoint description for an embedding head {type(head).__name__}")
 
 
-def _embedding_head(description: dict[str, Any], in_dim: int) -> nn.Module:
-    kind = description["head"]
-    if kind == "simclr":
-        return SimCLRProjectionHead(in_dim, description["dim"], description["hidden"])
-    if kind == "linear":
-        return EmbeddingHead(in_dim, description["dim"])
+def _embedding_head(description: EmbeddingDescription, in_dim: int) -> nn.Module:
+    if description.head == "simclr":
+        assert description.dim is not None and description.hidden is not None  # validated
+        return SimCLRProjectionHead(in_dim, description.dim, description.hidden)
+    if description.head == "linear":
+        assert description.dim is not None  # validated
+        return EmbeddingHead(in_dim, description.dim)
     return nn.Identity()
 
 
@@ -133,24 +247,28 @@ def clustering_description(
     return out
 
 
-def build_clustering_model(description: dict[str, Any]) -> ClusteringModel:
+def build_clustering_model(description: dict[str, Any] | ClusteringDescription) -> ClusteringModel:
     """An untrained one-head clustering model of the architecture ``description`` names."""
-    net = build_backbone(description["backbone"], description["in_channels"])
-    if "embedding" in description:
-        net = EmbeddingBackbone(net, _embedding_head(description["embedding"], net.out_dim))
-    k = description["num_clusters"]
+    spec = ClusteringDescription.model_validate(description)
+    net = build_backbone(spec.backbone, spec.in_channels)
+    if spec.embedding is not None:
+        net = EmbeddingBackbone(net, _embedding_head(spec.embedding, net.out_dim))
+    k = spec.num_clusters
     model = ClusteringModel(net, k, 1)
-    head = description.get("cluster_head")
-    if head is not None and head.get("kind") == "normfc":
-        model.cluster_heads = NormFCHead(net.out_dim, k, 1, head["temperature"], head["norm_axis"])
+    head = spec.cluster_head
+    if head is not None:
+        model.cluster_heads = NormFCHead(net.out_dim, k, 1, head.temperature, head.norm_axis)
     return model
 
 
 def load_clustering_model(workspace: Storage, rel_dir: str) -> ClusteringModel:
-    """Rebuild the (one-head) clustering model of a scan, selflabel or assign stage directory."""
-    description = workspace.read_json(f"{rel_dir}/{DESCRIPTION}")
-    model = build_clustering_model(description)
-    model.load_state_dict(load_state(workspace, rel_dir))
+    """Rebuild the (one-head) clustering model of a scan, selflabel or assign stage directory.
+
+    Raises:
+        WorkspaceFileError: the description or the checkpoint cannot be used.
+    """
+    model = build_clustering_model(read_clustering_description(workspace, rel_dir))
+    _fill(model, workspace, rel_dir)
     return model.eval()
 
 

@@ -71,7 +71,7 @@ def stage_config(config: PipelineConfig, num_clusters: int) -> dict[str, Any]:
 
 def clustering_key(config: dict[str, Any], inputs: dict[str, str]) -> str:
     """The stage key of a clustering stage config: SCAN's as it always was; the other methods
-    under their own name and code version (:data:`tasks.keys.STAGE_MODULES`)."""
+    under their own name and code version (:data:`tasks.keys.STAGE_ENTRIES`)."""
     method = method_of(config)
     if method == "scan":
         return keys.stage_key("scan", ScanConfig.model_validate(config).fingerprint(), inputs)

@@ -4,6 +4,8 @@ features for RotNet (whose head predicts rotations).
 
 Embeddings are also kept in a store per backbone (``embedding-store/<pretext key>/``) keyed by
 image content hash, so when the lake grows and the backbone is reused only new images are embedded.
+Tables read back (the stage's, the store's shards) must be embeddings tables
+(:func:`read_embeddings_table`).
 """
 
 from __future__ import annotations
@@ -45,9 +47,31 @@ def table_vectors(table: pa.Table) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
 
 
+def read_embeddings_table(workspace: Storage, rel: str | list[str]) -> pa.Table:
+    """One embeddings table, or several with one dimension (the store's shards).
+
+    Raises:
+        WorkspaceFileError: a file is not an embeddings table
+            (:func:`tasks.schemas.embeddings_schema`).
+    """
+    table = workspace.read_table(rel)
+    first = rel if isinstance(rel, str) else rel[0]
+    kind = table.schema.field("embedding").type if "embedding" in table.schema.names else None
+    dim = kind.list_size if isinstance(kind, pa.FixedSizeListType) else 0
+    if dim < 1 or not table.schema.equals(embeddings_schema(dim)):
+        raise workspace.bad_file(first, "is not an embeddings table (image_id, embedding vector)")
+    if table["image_id"].null_count or table["embedding"].null_count:
+        raise workspace.bad_file(first, "has embeddings without an image or vector")
+    return table
+
+
 def read_embeddings(workspace: Storage, embed: StageOutput) -> tuple[list[str], np.ndarray]:
-    """Ids and vectors of an embed stage, in its (sorted unique id) order."""
-    table = workspace.read_table(f"{embed.rel_dir}/{EMBEDDINGS_FILE}")
+    """Ids and vectors of an embed stage, in its (sorted unique id) order.
+
+    Raises:
+        WorkspaceFileError: the table is not an embeddings table.
+    """
+    table = read_embeddings_table(workspace, f"{embed.rel_dir}/{EMBEDDINGS_FILE}")
     return table["image_id"].to_pylist(), table_vectors(table)
 
 
@@ -56,7 +80,7 @@ def _stored(workspace: Storage, pretext_key: str) -> dict[str, np.ndarray]:
     shards = [o.key for o in workspace.list_objects(prefix) if o.key.endswith(".parquet")]
     if not shards:
         return {}
-    table = workspace.read_table(shards)
+    table = read_embeddings_table(workspace, shards)
     vectors = table_vectors(table)
     return dict(zip(table["image_id"].to_pylist(), vectors, strict=True))
 

@@ -31,8 +31,28 @@ TRANSIENT_NAMES = frozenset(
         "ConnectionAbortedError",
         "BrokenPipeError",
         "TimeoutError",
+        "IncompleteRead",
+        "IncompleteReadError",
+        "ClientPayloadError",
+        "ResponseStreamingError",
     }
 )
+
+#: S3 error codes of an answer that asks for another try later (throttling, a server error).
+TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "ServiceUnavailable",
+        "InternalError",
+        "RequestTimeout",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+    }
+)
+
+#: HTTP statuses of an answer worth another try.
+TRANSIENT_STATUSES = frozenset({500, 502, 503, 504})
 
 
 class ScanLakeError(Exception):
@@ -46,6 +66,11 @@ class StorageUnavailableError(ScanLakeError):
     """The object store stopped answering and our retries with backoff did not bring it back."""
 
 
+class WorkspaceFileError(ScanLakeError):
+    """A file read back from the workspace is unreadable, malformed or inconsistent (damaged or
+    written by someone else): the sentence names the file, what is wrong and what to delete."""
+
+
 def _chain(exc: BaseException) -> list[BaseException]:
     seen: list[BaseException] = []
     current: BaseException | None = exc
@@ -55,13 +80,27 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return seen
 
 
+def _transient_answer(exc: BaseException) -> bool:
+    """Whether ``exc`` is a botocore ``ClientError`` for throttling or a server error."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return False
+    code = (response.get("Error") or {}).get("Code")
+    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    return code in TRANSIENT_CODES or status in TRANSIENT_STATUSES
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what caused it) is a lost or refused connection, or a timeout:
-    worth another try after a pause. A missing object or a denied request is not."""
+    """Whether ``exc`` (or what caused it) is a transient fault worth another try after a
+    pause: a lost, refused or timed-out connection, a cut answer, a 5xx answer or throttling.
+    A missing object, a denied request and a :class:`ScanLakeError` (a decided outcome, e.g.
+    retries already spent) are not; neither is anything else (a programming error)."""
     for item in _chain(exc):
-        if isinstance(item, FileNotFoundError | PermissionError):
+        if isinstance(item, ScanLakeError | FileNotFoundError | PermissionError):
             return False
         if any(cls.__name__ in TRANSIENT_NAMES for cls in type(item).__mro__):
+            return True
+        if _transient_answer(item):
             return True
     return False
 
@@ -79,8 +118,8 @@ def user_error(exc: BaseException) -> ScanLakeError | None:
     """``exc`` as a :class:`ScanLakeError` when a user can fix its cause, else None.
 
     Recognised: our own errors anywhere in the chain, lost connections to the object store
-    (raised by Prefect's result storage or MLflow's artifact upload, which our retries do not
-    wrap), denied access and a full disk.
+    (raised by MLflow's artifact upload, which the storage module's retries do not wrap),
+    denied access and a full disk.
     """
     chain = _chain(exc)
     for item in chain:

@@ -31,8 +31,8 @@ from prefect.exceptions import MissingContextError
 from pydantic import BaseModel, ConfigDict
 
 from scan_core.config import GrowthConfig, ScanConfig, SelfLabelConfig
-from tasks.errors import ScanLakeError
-from tasks.stage import MANIFEST, StageOutput, retry_on_io
+from tasks.errors import ScanLakeError, WorkspaceFileError
+from tasks.stage import StageOutput, stage_output
 from tasks.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -166,6 +166,12 @@ def decide_growth(
 def load_previous(workspace: Storage, lake_url: str) -> tuple[RunRecord | None, str]:
     """The lake's last finished run, if its assign stage is still in the workspace.
 
+    The record is read back from the workspace, so it is validated (:class:`RunRecord`: stage
+    names and keys of the right form, files under their stage folders) and its stage outputs are
+    read again from the stages' own validated manifests (:func:`tasks.stage.stage_output`). A
+    record that fails, of another lake, or naming an invalid manifest or a missing assign stage
+    means a cold start (with a note).
+
     Returns:
         The record (or None) and a note when a record exists but cannot be used.
     """
@@ -173,13 +179,29 @@ def load_previous(workspace: Storage, lake_url: str) -> tuple[RunRecord | None, 
     if not workspace.exists(rel):
         return None, ""
     try:
-        record = RunRecord.model_validate(workspace.read_json(rel))
-    except ValueError as exc:
-        return None, f"the last run record {rel} is unreadable ({exc}); starting cold"
-    assign = record.assign
-    if not workspace.exists(f"{assign.stage}/{assign.key}/{MANIFEST}"):
-        return None, f"the last run's assign stage {assign.key[:12]} is gone; starting cold"
-    return record, ""
+        record = workspace.read_model(rel, RunRecord, "run record")
+    except WorkspaceFileError as exc:
+        return None, f"{exc} Starting cold."
+    if record.lake != lake_url:
+        return None, f"the last run record {rel} is of another lake ({record.lake}); starting cold"
+    try:
+        assign = stage_output(workspace, record.assign.stage, record.assign.key)
+        earlier = {
+            name: stage_output(workspace, output.stage, output.key)
+            for name, output in (
+                ("warm_from", record.plan.warm_from),
+                ("relabel_from", record.plan.relabel_from),
+            )
+            if output is not None
+        }
+    except WorkspaceFileError as exc:
+        return None, f"{exc} Starting cold."
+    if assign is None:
+        return None, f"the last run's assign stage {record.assign.key[:12]} is gone; starting cold"
+    # a plan's earlier stages matter only to a repeat of that run (same keys, all cached): one
+    # that is gone since stays as recorded (validated), as it always did
+    plan = record.plan.model_copy(update={k: v for k, v in earlier.items() if v is not None})
+    return record.model_copy(update={"assign": assign, "plan": plan}), ""
 
 
 def find_record(workspace: Storage, lake_url: str, run_id: str | None = None) -> RunRecord:
@@ -228,9 +250,6 @@ def _log() -> Any:
 
 @task(
     name="plan-growth",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_on_io,
     cache_policy=NO_CACHE,
     persist_result=False,
 )
@@ -248,9 +267,6 @@ def plan_growth(
 
 @task(
     name="record-run",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_on_io,
     cache_policy=NO_CACHE,
     persist_result=False,
 )

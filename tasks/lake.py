@@ -9,13 +9,17 @@ above ``SCAN_LAKE_MAX_OBJECT_BYTES``, or a read the credentials may not do. Obje
 between listing and reading are no longer part of the lake. The lake is only ever read.
 
 The scan writes a snapshot (the catalog stage's input) named by the catalog key, so an unchanged
-lake gives the same key and every stage after it is a cache hit.
+lake gives the same key and every stage after it is a cache hit. What it reads back from the
+workspace is checked: an index that fails (:func:`previous_index`) means reading every object
+again, the pixel store is validated by :mod:`tasks.pixels`, and the snapshot is written by every
+scan, never read from an earlier one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from typing import Any
 
 import numpy as np
@@ -29,15 +33,16 @@ from scan_core.config import ImageConfig
 from scan_core.data import LABELS_SIDECAR
 from scan_core.images import ImageDecodeError, decode_image, image_id, inspect_image
 from tasks import keys, pixels, progress
-from tasks.errors import ScanLakeError
+from tasks.errors import ScanLakeError, WorkspaceFileError
 from tasks.schemas import LAKE_INDEX, LISTING
 from tasks.settings import MachineSettings
-from tasks.stage import retry_on_io
 from tasks.storage import ObjectInfo, Storage, unsafe_key
 
 logger = logging.getLogger(__name__)
 
 SHARD_IMAGES = 4096
+#: An image_id: the SHA-256 hex of an object's bytes (:func:`scan_core.images.image_id`).
+IMAGE_ID = re.compile(r"[0-9a-f]{64}")
 DENIED = "reading the object was denied: grant the pipeline's credentials read access to it"
 
 
@@ -120,11 +125,36 @@ def read_labels(lake: Storage) -> tuple[dict[str, int], str | None]:
     return labels, hashlib.sha256(data).hexdigest()
 
 
-def _previous_index(workspace: Storage, rel: str) -> dict[str, dict[str, Any]]:
+def previous_index(workspace: Storage, rel: str) -> dict[str, dict[str, Any]]:
+    """The previous scan's index rows by key; empty (every object is read again) when there is
+    none or it cannot be used: not Parquet, other columns than :data:`LAKE_INDEX`, or rows
+    whose image_id is not a content hash."""
     if not workspace.exists(rel):
         return {}
-    rows = workspace.read_table(rel).to_pylist()
+    try:
+        rows = workspace.read_table(rel, schema=LAKE_INDEX).to_pylist()
+    except WorkspaceFileError as exc:
+        logger.warning("%s Reading every object of the lake again.", exc)
+        return {}
+    bad = next((r for r in rows if not _valid_index_row(r)), None)
+    if bad is not None:
+        logger.warning(
+            "the lake index %s has an invalid row (key %r); reading every object of the lake again",
+            workspace.uri(rel),
+            str(bad["key"])[:80],
+        )
+        return {}
     return {row["key"]: row for row in rows}
+
+
+def _valid_index_row(row: dict[str, Any]) -> bool:
+    """A usable row names a content hash (and no reason), a refused one a reason."""
+    image = row["image_id"]
+    if row["key"] is None or row["size"] is None or row["version"] is None:
+        return False
+    if row["reason"] is None:
+        return isinstance(image, str) and IMAGE_ID.fullmatch(image) is not None
+    return image is None or IMAGE_ID.fullmatch(image) is not None
 
 
 def _blank_row(obj: ObjectInfo) -> dict[str, Any]:
@@ -157,7 +187,7 @@ def scan_lake_fn(lake_url: str, workspace_url: str, image_config: dict[str, Any]
             "images."
         )
     config_key = keys.image_config_key(config.fingerprint())
-    previous = _previous_index(workspace, index_path(lake))
+    previous = previous_index(workspace, index_path(lake))
     have_pixels = pixels.stored_ids(workspace, config_key)
 
     rows: dict[str, dict[str, Any]] = {}
@@ -230,12 +260,10 @@ def scan_lake_fn(lake_url: str, workspace_url: str, image_config: dict[str, Any]
         config.fingerprint(),
         {"images": images, "pairs": pairs, "quarantine": bad, "labels": labels_fp or ""},
     )
+    # written by every scan, never trusted from an earlier one (same key, same content)
     listing_rel = f"listings/{catalog_key}.parquet"
-    if not workspace.exists(listing_rel):
-        listing = [{**r, "uri": lake.uri(r["key"]), "label": labels.get(r["key"])} for r in ordered]
-        workspace.write_table(
-            listing_rel, pa.Table.from_pylist(listing, schema=LISTING), catalog_key
-        )
+    listing = [{**r, "uri": lake.uri(r["key"]), "label": labels.get(r["key"])} for r in ordered]
+    workspace.write_table(listing_rel, pa.Table.from_pylist(listing, schema=LISTING), catalog_key)
     snapshot = LakeSnapshot(
         lake=lake.url,
         listing=listing_rel,
@@ -257,14 +285,12 @@ def scan_lake_fn(lake_url: str, workspace_url: str, image_config: dict[str, Any]
 
 @task(
     name="scan-lake",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_on_io,
     persist_result=False,
     cache_policy=NO_CACHE,
 )
 def scan_lake(lake_url: str, workspace_url: str, image_config: dict[str, Any]) -> LakeSnapshot:
-    """Prefect task around :func:`scan_lake_fn` (always runs; retries I/O failures)."""
+    """Prefect task around :func:`scan_lake_fn` (always runs; the storage module retries
+    transient faults, the task does not)."""
     snapshot = scan_lake_fn(lake_url, workspace_url, image_config)
     get_run_logger().info("lake scan: %s", snapshot.summary())
     return snapshot

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import task
 
 from scan_core.config import NeighborsConfig
@@ -21,13 +22,28 @@ NEIGHBORS_FILE = "neighbors.parquet"
 def read_neighbor_indices(
     workspace: Storage, neighbors: StageOutput
 ) -> tuple[list[str], np.ndarray]:
-    """Ids (sorted unique order) and the ``(N, k)`` neighbour index matrix ``I`` into them."""
-    table = workspace.read_table(f"{neighbors.rel_dir}/{NEIGHBORS_FILE}")
+    """Ids (sorted unique order) and the ``(N, k)`` neighbour index matrix ``I`` into them.
+
+    Raises:
+        WorkspaceFileError: the table is not a neighbours table, or its neighbours are not ``k``
+            of its own images each.
+    """
+    rel = f"{neighbors.rel_dir}/{NEIGHBORS_FILE}"
+    table = workspace.read_table(rel, schema=NEIGHBORS)
     ids = table["image_id"].to_pylist()
     position = {image_id: i for i, image_id in enumerate(ids)}
-    flat = table["neighbor_ids"].combine_chunks()
     k = int(neighbors.summary["k"])
-    I = np.array([position[i] for i in flat.flatten().to_pylist()], dtype=np.int64)  # noqa: E741
+    lists = table["neighbor_ids"].combine_chunks()
+    flat = lists.flatten().to_pylist()
+    if (
+        len(position) != len(ids)
+        or None in position
+        or pc.any(pc.not_equal(pc.list_value_length(lists), k)).as_py()
+        or len(flat) != k * len(ids)
+        or any(i not in position for i in flat)
+    ):
+        raise workspace.bad_file(rel, f"does not list {k} of its own images for each image")
+    I = np.array([position[i] for i in flat], dtype=np.int64)  # noqa: E741
     return ids, I.reshape(len(ids), k)
 
 

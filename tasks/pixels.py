@@ -2,7 +2,9 @@
 
 Shards ``<workspace>/pixels/<image-config-key>/part-*.parquet`` hold ``(image_id, pixels)`` rows,
 pixels being the uint8 ``(channels, size, size)`` array in C order. The catalog step appends a shard
-with only the images not stored yet.
+with only the images not stored yet. Every shard read back must have the declared schema
+(:data:`tasks.schemas.PIXELS`) and every pixel value the size of one image; a shard that fails is
+a :class:`~tasks.errors.WorkspaceFileError` naming it and the store folder to delete.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import uuid
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from scan_core.config import ImageConfig
@@ -33,11 +36,16 @@ def shard_paths(workspace: Storage, image_config_key: str) -> list[str]:
 
 
 def stored_ids(workspace: Storage, image_config_key: str) -> set[str]:
-    """The image_ids the store already holds."""
+    """The image_ids the store already holds.
+
+    Raises:
+        WorkspaceFileError: a shard is not a pixel store shard.
+    """
     shards = shard_paths(workspace, image_config_key)
     if not shards:
         return set()
-    return set(workspace.read_table(shards, columns=["image_id"])["image_id"].to_pylist())
+    table = workspace.read_table(shards, columns=["image_id"], schema=PIXELS)
+    return set(table["image_id"].to_pylist())
 
 
 def write_shard(
@@ -57,6 +65,7 @@ def load_pixels(
 
     Raises:
         ScanLakeError: when an image is missing from the store (the workspace was edited by hand).
+        WorkspaceFileError: a shard is not a pixel store shard, or holds pixels of another size.
     """
     shape = (config.channels, config.size, config.size)
     per_image = int(np.prod(shape))
@@ -75,7 +84,12 @@ def load_pixels(
     flat = out.reshape(len(ids), per_image)
     found: set[str] = set()
     for shard in shards:
-        table = workspace.read_table(shard)
+        table = workspace.read_table(shard, schema=PIXELS)
+        sizes = pc.min_max(pc.binary_length(table["pixels"])).as_py()
+        if table["pixels"].null_count or {sizes["min"], sizes["max"]} - {per_image, None}:
+            raise workspace.bad_file(
+                shard, f"holds pixels that are not {config.channels}x{config.size}x{config.size}"
+            )
         for id_chunk, pixel_chunk in zip(
             table["image_id"].chunks, table["pixels"].chunks, strict=True
         ):

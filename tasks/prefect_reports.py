@@ -59,9 +59,11 @@ class ProgressArtifacts:
             if stage in self.ids:
                 update_progress_artifact(self.ids[stage], percent, description=description)
             else:
-                self.ids[stage] = create_progress_artifact(
+                created = create_progress_artifact(
                     percent, key=artifact_key("progress", stage), description=description
                 )
+                assert isinstance(created, UUID)  # called synchronously, never a coroutine
+                self.ids[stage] = created
         except Exception as exc:  # the UI is not worth stopping a stage for
             self.failed = True
             logger.warning("progress artifacts stopped: the Prefect API refused one (%s)", exc)
@@ -80,7 +82,7 @@ def library_logs_to_prefect(
     for name in names:
         target = logging.getLogger(name)
         if not any(isinstance(h, APILogHandler) for h in target.handlers):
-            handler = APILogHandler()
+            handler: logging.Handler = APILogHandler()
             target.addHandler(handler)
             added.append((target, handler))
         if target.getEffectiveLevel() > level:

@@ -12,6 +12,7 @@ Growing lakes reuse a backbone (DESIGN.md §2): :func:`plan_pretext` keeps the e
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import pyarrow as pa
@@ -24,17 +25,18 @@ from scan_core.pretext import PretextResult, train_pretext
 from scan_core.superand import train_superand
 from tasks import checkpoints, keys
 from tasks.catalog import read_catalog
+from tasks.errors import WorkspaceFileError
 from tasks.lake import unique_ids
+from tasks.manifest import KEY_PATTERN, MANIFEST
 from tasks.pixels import load_pixels
-from tasks.schemas import IMAGE_IDS
+from tasks.schemas import IMAGE_IDS, LISTING
 from tasks.stage import (
-    MANIFEST,
     STAGE_TASK_OPTIONS,
     StageOutput,
     StageRequest,
     StageRun,
-    committed_dir,
     run_stage,
+    stage_output,
 )
 from tasks.storage import Storage
 
@@ -198,22 +200,33 @@ def choose_backbone(
 def backbone_candidates(
     workspace: Storage, config: PretextSettings, image_config_key: str, current_ids: set[str]
 ) -> list[BackboneCandidate]:
-    """Earlier finished pretext stages with the same pretext config, code and image config."""
+    """Earlier finished pretext stages with the same pretext config, code and image config.
+
+    Their manifests and training-image tables are validated; one that fails is left out (with
+    a warning): this run then trains a backbone of its own rather than build on it.
+    """
     found = []
     for obj in workspace.list_objects("pretext"):
-        if not obj.key.endswith(f"/{MANIFEST}"):
+        parts = obj.key.split("/")
+        if len(parts) != 3 or parts[2] != MANIFEST or not re.fullmatch(KEY_PATTERN, parts[1]):
             continue
-        key = obj.key.split("/")[1]
-        manifest = workspace.read_json(obj.key)
-        summary = manifest.get("summary", {})
-        if (
-            summary.get("config_fingerprint") != config.fingerprint()
-            or summary.get("code_version") != keys.code_version(key_name(config))
-            or summary.get("image_config_key") != image_config_key
-        ):
+        key = parts[1]
+        try:
+            output = stage_output(workspace, "pretext", key)
+            if output is None:
+                continue
+            summary = output.summary
+            if (
+                summary.get("config_fingerprint") != config.fingerprint()
+                or summary.get("code_version") != keys.code_version(key_name(config))
+                or summary.get("image_config_key") != image_config_key
+            ):
+                continue
+            table = workspace.read_table(f"{output.rel_dir}/{TRAIN_IDS}", schema=IMAGE_IDS)
+        except WorkspaceFileError as exc:
+            logger.warning("%s Not reusing backbone %s.", exc, key[:12])
             continue
-        files = committed_dir(f"pretext/{key}", manifest)
-        trained = set(workspace.read_table(f"{files}/{TRAIN_IDS}")["image_id"].to_pylist())
+        trained = set(table["image_id"].to_pylist())
         kept, new = len(trained & current_ids), len(current_ids - trained)
         found.append(BackboneCandidate(key=key, kept=kept, new=new))
     return found
@@ -221,8 +234,6 @@ def backbone_candidates(
 
 @task(
     name="plan-pretext",
-    retries=2,
-    retry_delay_seconds=[2, 10],
     cache_policy=NO_CACHE,
     persist_result=False,
 )
@@ -247,7 +258,7 @@ def plan_pretext(
     own_exists = workspace.exists(f"pretext/{own}/{MANIFEST}")
     candidates: list[BackboneCandidate] = []
     if not own_exists and not retrain and retrain_after > 0:
-        rows = workspace.read_table(listing, columns=["image_id", "reason"])
+        rows = workspace.read_table(listing, columns=["image_id", "reason"], schema=LISTING)
         current = {
             i
             for i, r in zip(rows["image_id"].to_pylist(), rows["reason"].to_pylist(), strict=True)

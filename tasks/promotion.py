@@ -109,8 +109,10 @@ def decide(
             f"{score * len(sizes):.1f} of {len(sizes)}) is below promotion.min_balance "
             f"{config.min_balance:.2f}"
         )
-    if checked is not None and checked.kept == "model" and (
-        checked.model_score < checked.kmeans_score
+    if (
+        checked is not None
+        and checked.kept == "model"
+        and (checked.model_score < checked.kmeans_score)
     ):
         refusals.append(
             f"the model's partition scores below K-means' ({checked.criterion}: model "

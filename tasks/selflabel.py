@@ -42,8 +42,8 @@ def selflabel_fn(
             run.log_metrics({"selflabel/skipped": 1.0})
             return {"skipped": reason, "kept": False, "reason": reason, "images": len(ids)}
         run.write_bytes(checkpoints.CHECKPOINT, checkpoints.state_bytes(result.model), log=True)
-        description = run.workspace.read_json(f"{scan.rel_dir}/{checkpoints.DESCRIPTION}")
-        run.write_json(checkpoints.DESCRIPTION, description, log=True)
+        description = checkpoints.read_clustering_description(run.workspace, scan.rel_dir)
+        run.write_json(checkpoints.DESCRIPTION, description.model_dump(exclude_none=True), log=True)
         k = model.num_clusters
         device = config.device
         before = score_partition(

@@ -36,9 +36,33 @@ class MachineSettings(BaseSettings):
             that the served model may read ``uri`` inputs from (:mod:`tasks.serving`).
         read_batch: Objects read concurrently per batch while cataloguing.
         max_object_bytes: Lake objects larger than this are quarantined without being read.
-        io_attempts: Tries of one object-store call that fails for lack of a connection (the
-            S3 client's own quick retries happen inside each try).
-        io_backoff_seconds: Wait before the second try; it doubles before each further one.
+        io_attempts: Tries of one object-store call that fails with a transient fault
+            (``SCAN_LAKE_IO_ATTEMPTS``).
+        io_backoff_seconds: Wait before the second try; it doubles before each further one
+            (``SCAN_LAKE_IO_BACKOFF_SECONDS``).
+        io_max_seconds: No further try of a call once this long has passed since its first try,
+            counting the wait before it (``SCAN_LAKE_IO_MAX_SECONDS``).
+        io_connect_timeout: Seconds to wait for a connection to the object store
+            (``SCAN_LAKE_IO_CONNECT_TIMEOUT``).
+        io_read_timeout: Seconds to wait for an answer on an open connection
+            (``SCAN_LAKE_IO_READ_TIMEOUT``).
+
+    **The retry policy** (one loop, transient faults only). A call to the object store is tried
+    by :meth:`tasks.storage.Storage._io` and by nothing else: botocore is configured for one
+    attempt per request (``retries.total_max_attempts = 1``; its ``max_attempts`` would count
+    retries, not attempts), s3fs for one (``retries = 1`` on each
+    filesystem the storage module opens), and no Prefect task retries. The loop tries a call
+    again only when :func:`tasks.errors.is_transient` says the fault is transient (a lost,
+    refused or timed-out connection, a 5xx answer, throttling); anything else (a missing
+    object, a denied request, a :class:`~tasks.errors.ScanLakeError`, a programming error)
+    surfaces at once. Worst case for one call: ``io_attempts`` HTTP requests (the batch reads of
+    the lake scan retry only the requests that failed, each at most ``io_attempts`` times), and
+    at most ``io_max_seconds`` plus one request's timeouts (``io_connect_timeout +
+    io_read_timeout``) from the first try to the
+    :class:`~tasks.errors.StorageUnavailableError` sentence. With the defaults: 4 requests, the
+    waits 2 + 4 + 8 = 14 s, and the run gives up within 60 + 5 + 60 s. MLflow's artifact uploads
+    go through MLflow's own boto3 client, with botocore's default retries (that one layer, no
+    loop of ours around it).
     """
 
     model_config = SettingsConfigDict(env_prefix="SCAN_LAKE_", extra="ignore")
@@ -62,6 +86,9 @@ class MachineSettings(BaseSettings):
     max_object_bytes: int = Field(512 * 2**20, ge=1)
     io_attempts: int = Field(4, ge=1)
     io_backoff_seconds: float = Field(2.0, ge=0)
+    io_max_seconds: float = Field(60.0, gt=0)
+    io_connect_timeout: float = Field(5.0, gt=0)
+    io_read_timeout: float = Field(60.0, gt=0)
 
     @property
     def s3_endpoint_name(self) -> str:
@@ -85,12 +112,13 @@ class MachineSettings(BaseSettings):
         return [root.strip() for root in self.serving_uri_roots.split(",") if root.strip()]
 
     def s3_options(self) -> dict[str, object]:
-        """Keyword arguments for ``s3fs.S3FileSystem`` (endpoint, credentials, short timeouts)."""
+        """Keyword arguments for ``s3fs.S3FileSystem``: endpoint, credentials, the timeouts,
+        and one attempt per request (the retry policy above: the storage loop retries)."""
         options: dict[str, object] = {
             "config_kwargs": {
-                "connect_timeout": 5,
-                "read_timeout": 60,
-                "retries": {"max_attempts": 3, "mode": "standard"},
+                "connect_timeout": self.io_connect_timeout,
+                "read_timeout": self.io_read_timeout,
+                "retries": {"total_max_attempts": 1, "mode": "standard"},
             }
         }
         client_kwargs: dict[str, object] = {}

@@ -1,40 +1,58 @@
 """What every stage task shares: its request, its output, its directory and manifest, its MLflow
-run, and the Prefect cache policy keyed by the stage key (DESIGN.md §2).
+run, and its Prefect task options (DESIGN.md §2).
 
 A stage run writes its files into a folder of its own, ``<workspace>/<stage>/<key>/<attempt>/``,
 then commits ``<stage>/<key>/_manifest.json`` last, naming that folder. The commit is exclusive
 (:meth:`tasks.storage.Storage.create_exclusive`): when two runs compute the same stage at once,
 the first commit wins, the other run adopts it and drops its own folder, so every consumer reads
-one complete set of files. A folder no manifest names (a crashed or killed run) is never read. A
-task whose Prefect cache record is gone but whose manifest exists reuses the manifest instead of
-recomputing.
+one complete set of files. A folder no manifest names (a crashed or killed run) is never read.
+
+**The manifest is the cache record; Prefect persists no results.** A stage task always runs and
+:func:`run_stage` returns the committed output (``reused``) when the stage's manifest exists,
+without recomputing; the flow counts that as a cache hit. Prefect's result persistence was the
+other record (``<workspace>/_prefect``), and it cannot be made safe: Prefect reads a persisted
+result with the serializer *named in the file's own metadata* (``ResultRecord.deserialize`` in
+prefect 3.8.8), cloudpickle by default, so whoever can write the workspace could plant a record
+naming ``pickle`` and run code on the next run's workers, whatever serializer the task
+configured; even Prefect's ``json`` serializer imports any class a file names in
+``__class__``, and looking for a cache hit already deserializes the whole record. So the stage
+tasks run with ``persist_result=False`` and no cache policy (:data:`STAGE_TASK_OPTIONS`), nothing
+under the workspace is ever unpickled (checkpoints are loaded with ``weights_only=True``), and
+everything read back is validated (:mod:`tasks.manifest`, :meth:`tasks.storage.Storage.read_model`,
+:meth:`tasks.storage.Storage.read_table`). A ``_prefect`` folder left by earlier versions is
+ignored.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from prefect.context import TaskRunContext
-from pydantic import BaseModel, ConfigDict, Field
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from scan_core.training import EpochLog
 from tasks import progress, tracking
-from tasks.settings import MachineSettings
+from tasks.manifest import (
+    ATTEMPT_PATTERN,
+    KEY_PATTERN,
+    MANIFEST,
+    STAGE_PATTERN,
+    check_summary,
+    committed_dir,
+    read_manifest,
+)
 from tasks.storage import Storage
 from tasks.tracking import TrackingRef
 
 logger = logging.getLogger(__name__)
-
-MANIFEST = "_manifest.json"
 
 
 class StageRequest(BaseModel):
@@ -42,8 +60,8 @@ class StageRequest(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    stage: str
-    key: str
+    stage: str = Field(pattern=STAGE_PATTERN)
+    key: str = Field(pattern=KEY_PATTERN)
     workspace: str
     config: dict[str, Any] = Field(default_factory=dict)
     tracking: TrackingRef | None = None
@@ -55,12 +73,13 @@ class StageRequest(BaseModel):
 
 
 class StageOutput(BaseModel):
-    """What a stage returns (and Prefect persists as its cached result)."""
+    """What a stage returns; also what the run history records of a stage (validated when read
+    back: its files lie in ``<stage>/<key>`` or one attempt folder under it, nowhere else)."""
 
     model_config = ConfigDict(frozen=True)
 
-    stage: str
-    key: str
+    stage: str = Field(pattern=STAGE_PATTERN)
+    key: str = Field(pattern=KEY_PATTERN)
     uri: str
     rel_dir: str
     run_id: str | None = None
@@ -68,18 +87,38 @@ class StageOutput(BaseModel):
     seconds: float = 0.0
     reused: bool = False
 
+    @model_validator(mode="after")
+    def _files_under_the_stage_folder(self) -> StageOutput:
+        folder = f"{self.stage}/{self.key}"
+        attempt = self.rel_dir.removeprefix(folder + "/")
+        if self.rel_dir != folder and (
+            attempt == self.rel_dir or not re.fullmatch(ATTEMPT_PATTERN, attempt)
+        ):
+            raise ValueError(f"rel_dir must be {folder} or an attempt folder under it")
+        return self
 
-def committed_dir(stage_dir: str, manifest: dict[str, Any]) -> str:
-    """Workspace-relative folder of a committed stage's files: the attempt folder its manifest
-    names under ``stage_dir`` (``<stage>/<key>``), or ``stage_dir`` itself for manifests written
-    before attempt folders existed."""
-    attempt = manifest.get("dir")
-    return f"{stage_dir}/{attempt}" if attempt else stage_dir
 
+def stage_output(workspace: Storage, stage: str, key: str) -> StageOutput | None:
+    """The committed output of stage ``stage`` with key ``key`` (``reused``), from its validated
+    manifest (:func:`tasks.manifest.read_manifest`); None when it has none.
 
-def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """Prefect ``cache_key_fn``: the stage key the flow computed."""
-    return str(parameters["request"].key)
+    Raises:
+        WorkspaceFileError: the manifest is not valid.
+    """
+    manifest = read_manifest(workspace, stage, key)
+    if manifest is None:
+        return None
+    rel_dir = committed_dir(f"{stage}/{key}", manifest)
+    return StageOutput(
+        stage=stage,
+        key=key,
+        uri=workspace.uri(rel_dir),
+        rel_dir=rel_dir,
+        run_id=manifest.mlflow_run_id,
+        summary=manifest.summary,
+        seconds=manifest.seconds,
+        reused=True,
+    )
 
 
 class StageRun:
@@ -108,21 +147,12 @@ class StageRun:
         return f"{self.dir}/{name}"
 
     def load_manifest(self) -> StageOutput | None:
-        """The finished stage's output if its manifest exists, else None."""
-        if not self.workspace.exists(self.manifest_path):
-            return None
-        manifest = self.workspace.read_json(self.manifest_path)
-        rel_dir = committed_dir(self.request.rel_dir, manifest)
-        return StageOutput(
-            stage=self.request.stage,
-            key=self.request.key,
-            uri=self.workspace.uri(rel_dir),
-            rel_dir=rel_dir,
-            run_id=manifest.get("mlflow_run_id"),
-            summary=manifest.get("summary", {}),
-            seconds=float(manifest.get("seconds", 0.0)),
-            reused=True,
-        )
+        """The finished stage's output if its manifest exists, else None.
+
+        Raises:
+            WorkspaceFileError: the manifest is not valid (:func:`tasks.manifest.read_manifest`).
+        """
+        return stage_output(self.workspace, self.request.stage, self.request.key)
 
     # -- tracking -----------------------------------------------------------------------------
 
@@ -188,6 +218,7 @@ class StageRun:
         this run's folder is removed; its MLflow run ends ``KILLED`` with a ``discarded`` tag.
         """
         seconds = time.perf_counter() - self._start
+        check_summary(self.request.stage, summary)  # what later stages and reruns read of it
         manifest = {
             "stage": self.request.stage,
             "key": self.request.key,
@@ -261,43 +292,9 @@ def run_stage(request: StageRequest, body: Callable[[StageRun], dict[str, Any]])
     return output
 
 
-def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect ``retry_condition_fn``: retry I/O failures, never a user error or a denied access."""
-    from tasks.errors import ScanLakeError
-
-    try:
-        state.result()
-    except (ScanLakeError, PermissionError):
-        return False
-    except Exception:
-        return True
-    return False
-
-
-#: Prefect options of every stage task: cached on the stage key, persisted, never expiring.
+#: Prefect options of every stage task: no Prefect cache and no persisted result; the stage's
+#: manifest is its cache record (see the module docstring for why).
 STAGE_TASK_OPTIONS: dict[str, Any] = {
-    "cache_key_fn": stage_cache_key,
-    "persist_result": True,
-    "cache_expiration": None,
+    "cache_policy": NO_CACHE,
+    "persist_result": False,
 }
-
-
-def result_storage_for(workspace: Storage) -> Path | str:
-    """Prefect result storage on the workspace (``<workspace>/_prefect``), so cache records
-    survive a new machine or a fresh ``PREFECT_HOME``.
-
-    A local workspace is a path; a remote one a ``RemoteFileSystem`` block saved under a name
-    derived from its URL (the S3 endpoint goes into the block; credentials stay in the
-    environment).
-    """
-    if workspace.is_local:
-        return Path(workspace.path("_prefect"))
-    from prefect.filesystems import RemoteFileSystem
-
-    options = {
-        k: v for k, v in MachineSettings().s3_options().items() if k not in ("key", "secret")
-    }
-    basepath = workspace.uri("_prefect")
-    name = "scan-lake-" + hashlib.sha256(basepath.encode()).hexdigest()[:16]
-    RemoteFileSystem(basepath=basepath, settings=options).save(name, overwrite=True)
-    return f"remote-file-system/{name}"

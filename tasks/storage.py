@@ -6,9 +6,18 @@ objects by a path relative to that root, so stages never build URLs by hand. Rel
 ``.``/``..`` segments or a leading ``/`` are refused, so nothing (an object key from the lake
 included) can address a file outside the root.
 
-Object-store calls that fail for lack of a connection are tried again with exponential backoff
-(``SCAN_LAKE_IO_ATTEMPTS``, ``SCAN_LAKE_IO_BACKOFF_SECONDS``) and then raise
-:class:`~tasks.errors.StorageUnavailableError`, one sentence naming the endpoint and the fix.
+Nothing read back is trusted: :meth:`Storage.read_model` validates JSON against a pydantic model
+and :meth:`Storage.read_table` Parquet against a declared schema; a file that fails is a
+:class:`~tasks.errors.WorkspaceFileError` (:meth:`Storage.bad_file`), one sentence naming the file,
+what is wrong and the folder to delete, never an exception deep in the flow. Nothing is
+unpickled.
+
+Object-store calls run under the one retry policy of the pipeline (:meth:`Storage._io`, settings
+and worst case in :class:`tasks.settings.MachineSettings`): a transient fault
+(:func:`tasks.errors.is_transient`) is tried again with exponential backoff, within a number of
+attempts and a time budget (``SCAN_LAKE_IO_*``), and then raises
+:class:`~tasks.errors.StorageUnavailableError`, one sentence naming the endpoint and the fix;
+any other fault surfaces at once. The S3 clients underneath try each request once.
 """
 
 from __future__ import annotations
@@ -27,13 +36,15 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.spec import AbstractFileSystem
+from pydantic import BaseModel, ValidationError
 
-from tasks.errors import ScanLakeError, is_transient, storage_unavailable
+from tasks.errors import ScanLakeError, WorkspaceFileError, is_transient, storage_unavailable
 from tasks.settings import MachineSettings
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 #: Schema metadata key that names the stage key that produced a table.
 STAGE_KEY_METADATA = b"scan_lake.stage_key"
@@ -99,6 +110,8 @@ class Storage:
             raise ScanLakeError(
                 f"Cannot open '{url}' ({exc}): use a local path or an s3:// URL."
             ) from exc
+        if hasattr(self.fs, "retries"):
+            self.fs.retries = 1  # s3fs: one try per request; _io is the one retry loop
         self.root: str = self.fs._strip_protocol(self.url).rstrip("/")
 
     def __repr__(self) -> str:
@@ -131,35 +144,40 @@ class Storage:
         return path[len(self.root) :].lstrip("/")
 
     def _io(self, action: str, call: Callable[[], T]) -> T:
-        """Run one object-store ``call``; on a lost connection try again with exponential
-        backoff, then raise :class:`StorageUnavailableError` naming ``action``."""
+        """Run one object-store ``call`` under the retry policy: on a transient fault
+        (:func:`~tasks.errors.is_transient`) try again after ``io_backoff_seconds``, doubling,
+        at most ``io_attempts`` tries and none after ``io_max_seconds``, then raise
+        :class:`StorageUnavailableError` naming ``action``; any other fault surfaces at once."""
         if self.is_local:
             return call()
-        attempts = self.settings.io_attempts
-        for attempt in range(1, attempts + 1):
+        settings = self.settings
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 return call()
             except Exception as exc:
                 if not is_transient(exc):
                     raise
-                if attempt == attempts:
+                delay = settings.io_backoff_seconds * 2 ** (attempt - 1)
+                elapsed = time.monotonic() - start
+                if attempt >= settings.io_attempts or elapsed + delay > settings.io_max_seconds:
                     raise storage_unavailable(
-                        self.settings.s3_endpoint_name,
-                        f"{action} (after {attempts} attempts)",
+                        settings.s3_endpoint_name,
+                        f"{action} (after {attempt} attempts in {elapsed:.0f} s)",
                         exc,
                     ) from exc
-                delay = self.settings.io_backoff_seconds * 2 ** (attempt - 1)
                 logger.warning(
                     "%s failed (%s); retry %d/%d in %.1f s",
                     action,
                     type(exc).__name__,
                     attempt,
-                    attempts - 1,
+                    settings.io_attempts - 1,
                     delay,
                 )
                 time.sleep(delay)
                 self.fs.invalidate_cache()
-        raise AssertionError("unreachable")
 
     # -- checks -------------------------------------------------------------------------------
 
@@ -328,21 +346,92 @@ class Storage:
         self._io(f"reading {len(paths)} objects of {self.url}", read)
         return results
 
-    def read_json(self, rel: str) -> Any:
-        """Parse ``rel`` as JSON."""
-        return json.loads(self.read_bytes(rel))
+    def bad_file(self, rel: str, problem: str) -> WorkspaceFileError:
+        """The sentence for the workspace file ``rel`` that cannot be used: ``problem`` says what
+        is wrong (``"is not JSON (...)"``); the fix is to delete the folder that holds it, the
+        first two parts of ``rel`` (a stage key, a store, a lake's history), which the next run
+        computes again."""
+        folder = "/".join(rel.split("/")[:2])
+        return WorkspaceFileError(
+            f"The workspace file {self.uri(rel)} {problem}: delete {self.uri(folder)} so that "
+            "the next run computes it again, and check who else can write this workspace."
+        )
 
-    def read_table(self, rel: str | list[str], columns: list[str] | None = None) -> pa.Table:
-        """Read one Parquet file, or several with one schema, into a table."""
+    def read_json(self, rel: str) -> Any:
+        """Parse ``rel`` as JSON.
+
+        Raises:
+            WorkspaceFileError: ``rel`` is not UTF-8 JSON.
+        """
+        data = self.read_bytes(rel)
+        try:
+            return json.loads(data)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise self.bad_file(rel, f"is not JSON ({_short(exc)})") from exc
+
+    def read_model(self, rel: str, model: type[M], what: str) -> M:
+        """Read ``rel`` as JSON and validate it as ``model`` (``what`` names it in the error).
+
+        Raises:
+            WorkspaceFileError: ``rel`` is not JSON or not a valid ``what``.
+        """
+        value = self.read_json(rel)
+        try:
+            return model.model_validate(value)
+        except ValidationError as exc:
+            raise self.bad_file(rel, f"is not a valid {what} ({validation_problem(exc)})") from exc
+
+    def read_table(
+        self,
+        rel: str | list[str],
+        columns: list[str] | None = None,
+        schema: pa.Schema | None = None,
+    ) -> pa.Table:
+        """Read one Parquet file, or several with one schema, into a table.
+
+        Args:
+            rel: The file, or the files.
+            columns: Read only these columns.
+            schema: The declared schema (:mod:`tasks.schemas`) each file must have: its columns
+                (those of ``columns``, when given) with their types; metadata aside.
+
+        Raises:
+            WorkspaceFileError: a file is not Parquet, or its columns are not ``schema``'s.
+            FileNotFoundError: a file does not exist.
+        """
         rels = [rel] if isinstance(rel, str) else rel
         if not rels:
             raise FileNotFoundError("no Parquet file to read")
+        tables = [self._read_parquet(r, columns, schema) for r in rels]
+        if len(tables) == 1:
+            return tables[0]
+        try:
+            return pa.concat_tables(tables)
+        except pa.ArrowException as exc:
+            raise self.bad_file(rels[0], f"does not match the other files ({_short(exc)})") from exc
 
-        def read(r: str) -> Callable[[], pa.Table]:
-            return lambda: pq.read_table(self.path(r), filesystem=self.fs, columns=columns)
+    def _read_parquet(
+        self, rel: str, columns: list[str] | None, schema: pa.Schema | None
+    ) -> pa.Table:
+        path = self.path(rel)
 
-        tables = [self._io(f"reading {self.uri(r)}", read(r)) for r in rels]
-        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        def read() -> pa.Table:
+            return pq.read_table(path, filesystem=self.fs, columns=columns)
+
+        try:
+            table = self._io(f"reading {self.uri(rel)}", read)
+        except (FileNotFoundError, PermissionError, ScanLakeError):
+            raise
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            detail = _short(exc, without=path)
+            raise self.bad_file(rel, f"is not a readable Parquet file ({detail})") from exc
+        if schema is not None:
+            wanted = [schema.field(c) for c in columns] if columns else list(schema)
+            got = [(f.name, f.type) for f in table.schema]
+            if got != [(f.name, f.type) for f in wanted]:
+                shown = ", ".join(f"{name}: {kind}" for name, kind in got)[:200]
+                raise self.bad_file(rel, f"does not have the declared columns (it has {shown})")
+        return table
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -380,7 +469,10 @@ class Storage:
                 try:
                     self.fs.pipe_file(final, data, IfNoneMatch="*")
                 except OSError:
-                    if self.exists(rel):  # 412 Precondition Failed / 409 conflict: it is there
+                    # 412 Precondition Failed / 409 conflict: it is there (checked within this
+                    # try, so a lost connection is retried by the one loop around it)
+                    self.fs.invalidate_cache(final)
+                    if self.fs.exists(final):
                         return False
                     raise
                 return True
@@ -421,6 +513,22 @@ class Storage:
         if self.exists(rel):
             path = self.path(rel)
             self._io(f"removing {self.uri(rel)}", lambda: self.fs.rm(path, recursive=True))
+
+
+def _short(exc: BaseException, without: str = "") -> str:
+    """``exc`` on one line, at most 160 characters, without the quoted path ``without`` (the
+    sentence names the file already)."""
+    text = f"{type(exc).__name__}: {exc}"
+    if without:
+        text = text.replace(f" '{without}'", "")
+    return " ".join(text.split())[:160]
+
+
+def validation_problem(exc: ValidationError) -> str:
+    """The first problem of a pydantic validation error, as ``field: message``."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "the value"
+    return f"{where}: {first['msg']}"[:160]
 
 
 def table_stage_key(table: pa.Table) -> str | None:

@@ -46,6 +46,20 @@ def states(result: dict[str, Any]) -> dict[str, str]:
     return {r["stage"]: r["state"] for r in result["stages"]}
 
 
+def cached(result: dict[str, Any]) -> set[str]:
+    """The stages of a run that reused their committed manifest (cache hits)."""
+    return {r["stage"] for r in result["stages"] if r["cached"]}
+
+
+def all_cached(result: dict[str, Any]) -> bool:
+    """Every stage of the run was a cache hit: nothing ran, every task completed."""
+    return (
+        result["stages_run"] == []
+        and cached(result) == {r["stage"] for r in result["stages"]}
+        and set(states(result).values()) == {"Completed"}
+    )
+
+
 def nested_runs(result: dict[str, Any]) -> dict[str, Any]:
     """Stage -> MLflow nested run of this flow run (stages that ran; cached ones have none)."""
     client = MlflowClient(result["mlflow"]["tracking_uri"])

@@ -2,9 +2,11 @@
 
 - ``scan-lake serve`` registers the deployment (cron schedule, lake/workspace/clusters/config
   parameters) and its runner executes a run requested through the API;
-- ``scan-lake deploy`` registers it on a process work pool and a real ``prefect worker`` runs it;
+- ``scan-lake deploy`` registers it on a process work pool and a real ``prefect worker`` runs
+  two runs requested at once, one after the other;
 - ``prefect deploy`` registers ``prefect.yaml`` (the same deployment in Prefect's format) and a
-  worker started outside the checkout runs it from ``SCAN_LAKE_CHECKOUT``.
+  worker started outside the checkout runs it from ``SCAN_LAKE_CHECKOUT``;
+- every way, the deployment has a concurrency limit of one run (later runs wait).
 
 The runs go to the same tiny lake and workspace, so the later runs are cache hits.
 """
@@ -66,6 +68,8 @@ def prefect_api(pipeline_env: Path, tmp_path_factory: pytest.TempPathFactory) ->
             "PREFECT_UI_ENABLED": "false",
             "PREFECT_RUNNER_POLL_FREQUENCY": "1",
             "PREFECT_WORKER_QUERY_SECONDS": "1",
+            # a run that waits for the deployment's concurrency slot is retried after 2 s, not 30
+            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
             "SCAN_LAKE_MLFLOW_EXPERIMENT": EXPERIMENT,
         }
     )
@@ -170,6 +174,17 @@ def _run_and_wait(
     return flow_run
 
 
+def _one_at_a_time(deployment: Any) -> bool:
+    """The deployment has a concurrency limit of one run, and later runs wait (ENQUEUE)."""
+    limit, options = deployment.global_concurrency_limit, deployment.concurrency_options
+    return (
+        limit is not None
+        and limit.limit == 1
+        and options is not None
+        and options.collision_strategy == "ENQUEUE"
+    )
+
+
 def _mlflow_run_of(flow_run_id: str) -> Any:
     client = MlflowClient(os.environ["SCAN_LAKE_MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name(EXPERIMENT)
@@ -198,6 +213,7 @@ def test_serve_registers_the_schedule_and_runs_the_flow(
         assert deployment.parameters["clusters"] == 3
         assert deployment.parameters["config"]["pretext"]["backbone"] == "small_cnn"
         assert deployment.work_pool_name is None  # served, not on a pool
+        assert _one_at_a_time(deployment)
         flow_run = _run_and_wait(prefect_api["url"], deployment.id, [log])
         assert flow_run.state.is_completed(), log.read_text()[-3000:]
         mlflow_run = _mlflow_run_of(str(flow_run.id))
@@ -208,9 +224,29 @@ def test_serve_registers_the_schedule_and_runs_the_flow(
         _stop(serve)
 
 
-def test_deploy_on_a_work_pool_runs_through_a_process_worker(
+def _run_twice_at_once(url: str, deployment_id: Any, log: Path, timeout: float = 600) -> Any:
+    """Create two runs of the deployment at once; wait until both are final. Returns both
+    runs and the names of the states they went through."""
+    with _client(url) as client:
+        ids = [client.create_flow_run_from_deployment(deployment_id).id for _ in range(2)]
+        deadline = time.monotonic() + timeout
+        while True:
+            runs = [client.read_flow_run(i) for i in ids]
+            if all(r.state is not None and r.state.is_final() for r in runs):
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"the two runs did not finish: {log.read_text()[-3000:]}")
+            time.sleep(2)
+        passed = {s.name for r in runs for s in client.read_flow_run_states(r.id)}
+    return runs, passed
+
+
+def test_deploy_on_a_work_pool_runs_one_run_at_a_time_through_a_process_worker(
     prefect_api: Any, tiny_lake: dict[str, str]
 ) -> None:
+    """A process worker (no limit of its own) gets two runs of the deployment at once: the
+    server starts one, the other waits for the slot (not dropped); both complete and their
+    running times do not overlap."""
     root: Path = prefect_api["root"]
     env = prefect_api["env"]
     args = ["deploy", "--lake", tiny_lake["lake"], "--workspace", tiny_lake["workspace"]]
@@ -229,12 +265,18 @@ def test_deploy_on_a_work_pool_runs_through_a_process_worker(
         deployment = _wait_for_deployment(prefect_api["url"], "scan_pipeline/pooled", worker, log)
         assert deployment.work_pool_name == "scan-lake-test"
         assert [s.schedule.cron for s in deployment.schedules] == [CRON]
-        flow_run = _run_and_wait(prefect_api["url"], deployment.id, [log])
-        assert flow_run.state.is_completed(), log.read_text()[-3000:]
-        mlflow_run = _mlflow_run_of(str(flow_run.id))
-        assert mlflow_run.data.tags["stages_run"] == "none"  # the served run made every stage
+        assert _one_at_a_time(deployment)
+        runs, passed = _run_twice_at_once(prefect_api["url"], deployment.id, log)
     finally:
         _stop(worker)
+    assert all(r.state.is_completed() for r in runs), log.read_text()[-3000:]
+    first, second = sorted(runs, key=lambda r: r.start_time)
+    assert first.end_time is not None and second.start_time is not None
+    assert first.end_time <= second.start_time, (first.end_time, second.start_time)
+    assert "AwaitingConcurrencySlot" in passed  # the second was held back, then ran
+    for run in runs:
+        mlflow_run = _mlflow_run_of(str(run.id))
+        assert mlflow_run.data.tags["stages_run"] == "none"  # the served run made every stage
 
 
 def test_deploy_with_clusters_auto_registers_auto_and_the_server_accepts_a_run(
@@ -281,6 +323,11 @@ def test_prefect_yaml_is_the_deployment_scan_lake_deploy_registers() -> None:
     assert deployment["entrypoint"] == scan_lake.ENTRYPOINT
     assert deployment["tags"] == scan_lake.TAGS
     assert [s["cron"] for s in deployment["schedules"]] == [scan_lake.DEFAULT_CRON]
+    limit = scan_lake.one_run_at_a_time()
+    assert deployment["concurrency_limit"] == {
+        "limit": limit.limit,
+        "collision_strategy": limit.collision_strategy.value,
+    }
     pool_default = inspect.signature(deploy).parameters["work_pool"].default
     assert deployment["work_pool"]["name"] == pool_default
     parameters = deployment["parameters"]
@@ -320,6 +367,7 @@ def test_prefect_deploy_registers_prefect_yaml_and_a_worker_runs_it(
     expected = {**spec["deployments"][0]["parameters"], **tiny_lake}
     assert deployment.parameters == expected  # LAKE and WORKSPACE filled in at deploy time
     assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
+    assert _one_at_a_time(deployment)
     assert deployment.pull_steps == spec["pull"]  # SCAN_LAKE_CHECKOUT is read by the worker
 
     # A worker started outside the checkout finds the flow through SCAN_LAKE_CHECKOUT.

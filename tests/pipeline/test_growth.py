@@ -23,7 +23,7 @@ from scan_core.data import encode_png, lake_key
 from tasks.schemas import CLUSTER_LINEAGE, DUPLICATES
 from tasks.storage import Storage, table_stage_key
 from tests.pipeline.conftest import lake_contents, write_local
-from tests.pipeline.helpers import ALL_STAGES, nested_runs, run_pipeline, stage_tags, states
+from tests.pipeline.helpers import ALL_STAGES, all_cached, nested_runs, run_pipeline, stage_tags
 
 pytestmark = pytest.mark.integration
 
@@ -232,8 +232,7 @@ def test_growth_is_in_the_prefect_summary(growth: dict[str, Any]) -> None:
 
 def test_unchanged_lake_repeats_the_plan_and_hits_every_cache(growth: dict[str, Any]) -> None:
     again = run_pipeline(str(growth["lake"]), str(growth["workspace"]), OVERRIDES)
-    assert again["stages_run"] == []
-    assert set(states(again).values()) == {"Cached"}
+    assert all_cached(again)
     assert again["growth"] == growth["grown"]["growth"]
     assert again["counts"]["images_embedded"] == 0
 

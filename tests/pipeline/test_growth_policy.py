@@ -3,6 +3,8 @@ warm settings, duplicate pairs and the cluster reordering of a model."""
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -60,7 +62,13 @@ def test_exact_backbone_wins_and_the_largest_overlap_is_chosen() -> None:
 # -- warm or cold -----------------------------------------------------------------------------
 
 
-def _output(stage: str, key: str) -> StageOutput:
+def _key(name: str) -> str:
+    """A stage key (SHA-256 hex) standing for ``name``."""
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def _output(stage: str, name: str) -> StageOutput:
+    key = _key(name)
     return StageOutput(stage=stage, key=key, uri=f"/w/{stage}/{key}", rel_dir=f"{stage}/{key}")
 
 
@@ -94,8 +102,8 @@ def test_first_run_is_cold_and_a_grown_lake_is_warm() -> None:
     previous = _record(first)
     grown = decide_growth(previous, _signature(images_key="images-2"), growth)
     assert grown.start == "warm"
-    assert grown.warm_from is not None and grown.warm_from.key == "a-1"
-    assert grown.relabel_from is not None and grown.relabel_from.key == "a-1"
+    assert grown.warm_from is not None and grown.warm_from.key == _key("a-1")
+    assert grown.relabel_from is not None and grown.relabel_from.key == _key("a-1")
     assert grown.previous_flow_run_id == "flow-1"
 
 

@@ -19,10 +19,18 @@ import pytest
 import s3fs
 from mlflow import MlflowClient
 
-from tasks.stage import committed_dir
+from tasks.manifest import StageManifest, committed_dir
 from tasks.storage import Storage, table_stage_key
 from tests.pipeline.conftest import TINY_CONFIG, lake_contents, write_objects
-from tests.pipeline.helpers import ALL_STAGES, nested_runs, run_pipeline, stage_tags, states
+from tests.pipeline.helpers import (
+    ALL_STAGES,
+    all_cached,
+    cached,
+    nested_runs,
+    run_pipeline,
+    stage_tags,
+    states,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +74,7 @@ def test_first_run_runs_every_stage(s3_setup: dict[str, Any]) -> None:
     ws = Storage(s3_setup["workspace"])
     stage = {r["stage"]: r for r in first["stages"]}
     manifest = ws.read_json(f"assign/{stage['assign']['key']}/_manifest.json")
-    assign_dir = committed_dir(f"assign/{stage['assign']['key']}", manifest)
+    assign_dir = committed_dir(f"assign/{stage['assign']['key']}", StageManifest(**manifest))
     assignments = ws.read_table(f"{assign_dir}/assignments.parquet")
     assert assignments.num_rows == 121  # every usable key, the duplicate included
     assert any(u.endswith("extra/duplicate-of-first.png") for u in assignments["uri"].to_pylist())
@@ -74,12 +82,14 @@ def test_first_run_runs_every_stage(s3_setup: dict[str, Any]) -> None:
     assert manifest["mlflow_run_id"] == stage["assign"]["run_id"]
     assert "assignments.parquet" in manifest["files"]
     catalog_dir = f"catalog/{stage['catalog']['key']}"
-    catalog_dir = committed_dir(catalog_dir, ws.read_json(f"{catalog_dir}/_manifest.json"))
+    catalog_manifest = ws.read_model(f"{catalog_dir}/_manifest.json", StageManifest, "manifest")
+    catalog_dir = committed_dir(catalog_dir, catalog_manifest)
     quarantine = ws.read_table(f"{catalog_dir}/quarantine.parquet")
     assert quarantine["uri"].to_pylist()[0].endswith("extra/broken.png")
     assert "not an image" in quarantine["reason"].to_pylist()[0]
-    # Prefect results live on the workspace
-    assert ws.list_objects("_prefect")
+    # the manifests are the cache records: Prefect persists no results, on the workspace or
+    # anywhere else
+    assert not ws.list_objects("_prefect")
 
 
 def test_first_run_is_tracked_in_mlflow(s3_setup: dict[str, Any], tmp_path: Path) -> None:
@@ -118,8 +128,7 @@ def test_first_run_is_tracked_in_mlflow(s3_setup: dict[str, Any], tmp_path: Path
 
 def test_no_change_every_stage_cached(s3_setup: dict[str, Any]) -> None:
     again = run_pipeline(s3_setup["lake"], s3_setup["workspace"])
-    assert again["stages_run"] == []
-    assert set(states(again).values()) == {"Cached"}
+    assert all_cached(again)
     assert again["counts"]["objects_read"] == 0
     # the model version is the first run's, and so is its promotion
     assert again["promotion"]["decided"] is False
@@ -138,8 +147,7 @@ def test_no_change_every_stage_cached(s3_setup: dict[str, Any]) -> None:
 def test_scan_config_change_reruns_only_scan_onwards(s3_setup: dict[str, Any]) -> None:
     changed = run_pipeline(s3_setup["lake"], s3_setup["workspace"], {"scan.epochs": 2})
     assert changed["stages_run"] == ["scan", "selflabel", "guard", "assign", "evaluate"]
-    st = states(changed)
-    assert all(st[s] == "Cached" for s in ("catalog", "pretext", "embed", "mine_neighbors"))
+    assert {"catalog", "pretext", "embed", "mine_neighbors"} <= cached(changed)
 
 
 def test_fresh_prefect_home_still_hits_the_cache(s3_setup: dict[str, Any], tmp_path: Path) -> None:
@@ -168,8 +176,7 @@ def test_fresh_prefect_home_still_hits_the_cache(s3_setup: dict[str, Any], tmp_p
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["stages_run"] == []
-    assert set(states(result).values()) == {"Cached"}
+    assert all_cached(result)
     assert "Metrics" in done.stdout and "mlflow ui --backend-store-uri" in done.stdout
 
 
