@@ -23,8 +23,7 @@ from scan_core.plots import (
 from tasks.assign import cluster_ids_of, read_assignments
 from tasks.catalog import read_catalog
 from tasks.embed import read_embeddings
-from tasks.errors import ScanLakeError
-from tasks.guard import PARTITIONS_FILE
+from tasks.guard import read_partitions
 from tasks.lake import first_labels
 from tasks.neighbors import read_neighbor_indices
 from tasks.pixels import load_pixels
@@ -105,12 +104,7 @@ def evaluate_fn(
                     unique_labels[known], baseline, num_clusters=num_clusters
                 ).acc
             if guard is not None and known.sum() >= num_clusters:
-                parts = run.workspace.read_table(f"{guard.rel_dir}/{PARTITIONS_FILE}")
-                if parts["image_id"].to_pylist() != ids:
-                    raise ScanLakeError(
-                        f"The guard stage {guard.key[:12]} holds other images than the "
-                        "neighbours: point --workspace at a fresh folder to recompute it."
-                    )
+                parts = read_partitions(run.workspace, guard, ids)
                 for name in ("model", "kmeans"):
                     column = parts[f"{name}_cluster"].to_numpy()
                     metrics[f"guard_{name}_acc"] = evaluate_clustering(

@@ -1,22 +1,25 @@
 """Guard stage: never hand out clusters worse than K-means on the run's own pretext embeddings
 without saying so.
 
-The trained model's partition (SCAN's, or step 4's, or another method's) and K-means on the
-embed stage's vectors are compared without labels (:func:`scan_core.guard.compare_partitions`:
-modularity on the mined kNN graph). The stage saves the kept one as a one-head clustering model
-(the trained model's checkpoint as it is, or K-means' nearest-centroid model), so assign,
-evaluate and the registry treat both alike, and its summary says which was kept and why.
+The trained model's partition (SCAN's, or step 4's, or another method's) and K-means on the embed
+stage's vectors are compared without labels (:func:`scan_core.guard.compare_partitions`: modularity
+on the kNN graphs of the embeddings and of the raw pixels). The stage saves the kept one as a
+one-head clustering model (the trained model's checkpoint as it is, or K-means' nearest-centroid
+model), so assign, evaluate and the registry treat both alike, and its summary says which was kept
+and why.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import torch
 from prefect import task
 
 from scan_core.config import GuardConfig, ImageConfig, KMeansConfig
-from scan_core.guard import compare_partitions
+from scan_core.guard import compare_partitions, pixel_neighbors
 from scan_core.inference import predict_probabilities
 from scan_core.kmeans import fit_kmeans
 from tasks import checkpoints
@@ -25,10 +28,39 @@ from tasks.embed import read_embeddings
 from tasks.errors import ScanLakeError
 from tasks.neighbors import read_neighbor_indices
 from tasks.pixels import load_pixels
+from tasks.schemas import PARTITIONS
 from tasks.stage import STAGE_TASK_OPTIONS, StageOutput, StageRequest, StageRun, run_stage
+from tasks.storage import Storage
+
+
+def neighbour_graphs(neighbors: np.ndarray, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """The two graphs partitions are scored on (:mod:`scan_core.guard`): the mined neighbours
+    of the pretext embeddings and as many neighbours by raw pixels."""
+    return {"embedding": neighbors, "pixels": pixel_neighbors(images.numpy(), neighbors.shape[1])}
+
 
 #: Both partitions, per unique image (columns image_id, model_cluster, kmeans_cluster).
 PARTITIONS_FILE = "partitions.parquet"
+
+
+def read_partitions(workspace: Storage, guard: StageOutput, ids: list[str]) -> pa.Table:
+    """The guard stage's two partitions of the images ``ids`` (in that order).
+
+    Raises:
+        WorkspaceFileError: the file is not the guard's table, holds other images, or a cluster
+            outside ``0 .. k-1`` of the stage's ``k`` clusters.
+    """
+    rel = f"{guard.rel_dir}/{PARTITIONS_FILE}"
+    table = workspace.read_table(rel, schema=PARTITIONS)
+    if table["image_id"].to_pylist() != ids:
+        raise workspace.bad_file(rel, "holds other images than the run's neighbours")
+    k = int(guard.summary["num_clusters"])
+    for name in ("model_cluster", "kmeans_cluster"):
+        values = table[name].to_numpy(zero_copy_only=False)
+        if values.size and (values.min() < 0 or values.max() >= k):
+            raise workspace.bad_file(rel, f"assigns clusters outside the stage's {k}")
+    return table
+
 
 #: The criterion the guard compares partitions with (recorded in summaries and tags).
 CRITERION = "knn_modularity"
@@ -68,7 +100,11 @@ def guard_fn(
         k = probabilities.shape[1]
         kmeans = fit_kmeans(vectors, k, km_settings)
         decision = compare_partitions(
-            probabilities.argmax(axis=1), kmeans.predictions, I, k, settings.margin
+            probabilities.argmax(axis=1),
+            kmeans.predictions,
+            neighbour_graphs(I, images),
+            k,
+            settings.margin,
         )
         run.write_table(
             PARTITIONS_FILE,
@@ -77,7 +113,8 @@ def guard_fn(
                     "image_id": ids,
                     "model_cluster": pa.array(probabilities.argmax(axis=1), pa.int32()),
                     "kmeans_cluster": pa.array(kmeans.predictions, pa.int32()),
-                }
+                },
+                schema=PARTITIONS,
             ),
         )
         if decision.kept == "kmeans":
@@ -94,6 +131,7 @@ def guard_fn(
         )
         return {
             "kept": decision.kept,
+            "num_clusters": int(k),
             "criterion": CRITERION,
             "model_score": decision.model.modularity,
             "kmeans_score": decision.kmeans.modularity,

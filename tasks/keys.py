@@ -97,7 +97,7 @@ TASK_FORMAT_VERSION: dict[str, int] = {
     "iic": 1,
     "kmeans": 1,
     "choose_k": 1,
-    "guard": 1,
+    "guard": 2,  # 2: num_clusters in the summary, the partitions table's schema checked
 }
 
 

@@ -63,6 +63,11 @@ ASSIGNMENTS = pa.schema(
 
 IMAGE_IDS = pa.schema([("image_id", pa.string())])
 
+#: The guard's two candidate partitions, per unique image (:mod:`tasks.guard`).
+PARTITIONS = pa.schema(
+    [("image_id", pa.string()), ("model_cluster", pa.int32()), ("kmeans_cluster", pa.int32())]
+)
+
 
 def embeddings_schema(dim: int) -> pa.Schema:
     """Embeddings table: ``image_id`` and a ``fixed_size_list<float32>[dim]`` embedding."""

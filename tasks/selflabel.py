@@ -19,6 +19,7 @@ from scan_core.guard import score_partition
 from scan_core.inference import predict_probabilities
 from scan_core.selflabel import NoConfidentSamplesError, train_selflabel
 from tasks import checkpoints
+from tasks.guard import neighbour_graphs
 from tasks.neighbors import read_neighbor_indices
 from tasks.pixels import load_pixels
 from tasks.stage import STAGE_TASK_OPTIONS, StageOutput, StageRequest, StageRun, run_stage
@@ -44,13 +45,12 @@ def selflabel_fn(
         run.write_bytes(checkpoints.CHECKPOINT, checkpoints.state_bytes(result.model), log=True)
         description = checkpoints.read_clustering_description(run.workspace, scan.rel_dir)
         run.write_json(checkpoints.DESCRIPTION, description.model_dump(exclude_none=True), log=True)
-        k = model.num_clusters
-        device = config.device
+        k, device, graphs = model.num_clusters, config.device, neighbour_graphs(I, images)
         before = score_partition(
-            predict_probabilities(model, images, device=device).argmax(axis=1), I, k
+            predict_probabilities(model, images, device=device).argmax(axis=1), graphs, k
         )
         after = score_partition(
-            predict_probabilities(result.model, images, device=device).argmax(axis=1), I, k
+            predict_probabilities(result.model, images, device=device).argmax(axis=1), graphs, k
         )
         better = after.modularity > before.modularity
         kept = better or not config.keep_only_if_better

@@ -206,6 +206,7 @@ def _read_stage_table(ctx: Context, rel: str) -> Any:
     from tasks.assign import image_clusters, read_assignments
     from tasks.catalog import read_catalog
     from tasks.embed import read_embeddings
+    from tasks.guard import read_partitions
     from tasks.neighbors import read_neighbor_indices
 
     output = ctx.outputs[_stage_of(rel)]
@@ -214,6 +215,7 @@ def _read_stage_table(ctx: Context, rel: str) -> Any:
         "embeddings.parquet": [read_embeddings],
         "neighbors.parquet": [read_neighbor_indices],
         "assignments.parquet": [read_assignments, image_clusters],
+        "partitions.parquet": [lambda ws, out: read_partitions(ws, out, ctx.ids)],
     }
     return [read(ctx.ws, output) for read in readers[rel.rpartition("/")[2]]]
 
@@ -275,7 +277,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("model description", rf"{_ATTEMPT}/model\.json", "refused", _read_model, _JSON),
     Kind(
         "stage table",
-        rf"{_ATTEMPT}/(catalog|embeddings|neighbors|assignments)\.parquet",
+        rf"{_ATTEMPT}/(catalog|embeddings|neighbors|assignments|partitions)\.parquet",
         "refused",
         _read_stage_table,
         _TABLE,
@@ -290,7 +292,8 @@ KINDS: tuple[Kind, ...] = (
     Kind(
         "report for people and MLflow",
         rf"{_ATTEMPT}/(quarantine|cluster_lineage|duplicates)\.parquet"
-        rf"|{_ATTEMPT}/(?!model\.)[a-z_]+\.(png|json)",
+        rf"|{_ATTEMPT}/(?!model\.)[a-z_]+\.(png|json)"
+        r"|gallery/[0-9a-f]{24}/[0-9a-f]{24}/.+",
         "unread",
     ),
 )
