@@ -51,9 +51,9 @@ def run(tmp_path: Path, fashion: tuple[np.ndarray, np.ndarray]) -> tuple[Storage
     (lake / keys[1]).write_bytes(encode_png(images[20]))  # changed since the run
     assign = StageOutput(
         stage="assign",
-        key="k" * 64,
+        key="0" * 64,
         uri="ws",
-        rel_dir="assign/k",
+        rel_dir="assign/" + "0" * 64,
         summary={"cluster_ids": [0, 1, 2], "lineage": {"clusters": []}},
     )
     record = RunRecord(

@@ -11,9 +11,18 @@ import pytest
 
 from tasks import keys
 
-#: Stages whose modules reach scan_core/clustering.py (through model_selection, twostage or
-#: selflabel), and stages that never do.
-REACH_CLUSTERING = {"choose_k", "scan", "selflabel", "assign", "twostage", "iic", "kmeans"}
+#: Stages whose modules reach scan_core/clustering.py (through model_selection, twostage,
+#: selflabel or the clustering model the guard loads), and stages that never do.
+REACH_CLUSTERING = {
+    "choose_k",
+    "scan",
+    "selflabel",
+    "assign",
+    "twostage",
+    "iic",
+    "kmeans",
+    "guard",
+}
 NEVER_CLUSTERING = {"images", "catalog", "pretext", "superand", "embed", "neighbors", "evaluate"}
 
 

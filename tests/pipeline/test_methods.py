@@ -107,6 +107,7 @@ def test_superand_twostage_with_clusters_auto(lake: Path, tmp_path: Path) -> Non
         "duplicates",
         "choose_k",
         "scan",
+        "guard",
         "assign",
         "evaluate",
     ]
@@ -167,7 +168,7 @@ def test_kmeans_overclustering_then_iic(lake: Path, tmp_path: Path) -> None:
     assert "Overclustering: 12 clusters for 10 label classes. Many-to-one ACC" in markdown
     # IIC on the same embeddings: only the clustering stage and what follows it run
     iic = run_flow(lake, workspace, {"clustering.method": "iic"}, clusters=12)
-    assert iic["stages_run"] == ["scan", "assign", "evaluate"]
+    assert iic["stages_run"] == ["scan", "guard", "assign", "evaluate"]
     assert iic["growth"]["start"] == "cold" and "selflabel" in iic["skipped"]
     ws = Storage(str(workspace))
     description = ws.read_json(f"{_files(ws, 'scan', record(iic, 'scan')['key'])}/model.json")

@@ -139,7 +139,7 @@ def test_no_change_every_stage_cached(s3_setup: dict[str, Any]) -> None:
     tags = stage_tags(again)
     assert set(tags) == set(ALL_STAGES)
     for stage, tag in tags.items():
-        assert tag["cached"] == "true" and tag["cache"] == "Prefect cache"
+        assert tag["cached"] == "true" and tag["cache"] == "manifest"
         assert tag["source_run_id"] == first_ids[stage]
         assert tag["key"] == {r["stage"]: r["key"] for r in again["stages"]}[stage]
 
