@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -39,6 +39,15 @@ _CLUSTERS_HELP = (
 _SET_HELP = (
     "Override one config key, KEY=VALUE (a YAML scalar); repeat it for several keys, e.g. "
     "--set scan.epochs=20 --set pretext.backbone=resnet18."
+)
+_PRESET_HELP = (
+    "Settings when no --config is given: 'auto' (default) chooses them from the lake (image "
+    "count, size, colour) and the device; 'paper' takes the SCAN paper's (500 pretext epochs: "
+    "GPU settings)."
+)
+_BUDGET_HELP = (
+    "Wall time the automatic settings should fit on this machine, e.g. 30m, 2h, 1h30m (the "
+    "schedules are scaled down to it, never below their minimums)."
 )
 _JSON_HELP = (
     "Write the result as JSON to this file, or '-' for stdout (the tables are not printed "
@@ -105,9 +114,12 @@ def _quiet_prefect_tracebacks() -> None:
 def _run_flow(
     lake: str,
     workspace: str,
-    config: dict[str, Any],
+    config: dict[str, Any] | None,
     retrain_pretext: bool = False,
-    clusters: str | None = None,
+    clusters: int | str | None = None,
+    overrides: dict[str, Any] | None = None,
+    budget: float | None = None,
+    preset: str = "auto",
 ) -> dict[str, Any]:
     from flows.pipeline import scan_pipeline
     from tasks import progress as progress_hub
@@ -125,16 +137,51 @@ def _run_flow(
     ) as bars:
         reporter = _Bars(bars)
         progress_hub.add_reporter(reporter)
+        wanted: int | Literal["auto"] | None = None
+        if clusters == "auto":
+            wanted = "auto"
+        elif isinstance(clusters, int):
+            wanted = clusters
+        chosen: Literal["auto", "paper"] = "paper" if preset == "paper" else "auto"
         try:
             return scan_pipeline(
                 lake=lake,
                 workspace=workspace,
                 config=config,
-                clusters="auto" if clusters == "auto" else None,
+                clusters=wanted,
                 retrain_pretext=retrain_pretext,
+                preset=chosen,
+                overrides=overrides,
+                budget=budget,
             )
         finally:
             progress_hub.remove_reporter(reporter)
+
+
+def _automatic(config: Path | None, preset: str, budget: float | None) -> bool:
+    """Whether the run uses the automatic settings (no --config, --preset auto).
+
+    Raises:
+        ScanLakeError: an unknown preset, or a budget with settings that are not automatic.
+    """
+    if preset not in ("auto", "paper"):
+        raise ScanLakeError(f"--preset {preset!r} is unknown: choose auto or paper.")
+    automatic = config is None and preset == "auto"
+    if budget is not None and not automatic:
+        raise ScanLakeError(
+            "--budget sizes the automatic settings: drop --config / --preset paper, or drop "
+            "--budget and set the epochs yourself."
+        )
+    return automatic
+
+
+def _settings_table(result: dict[str, Any]) -> Table:
+    table = Table(title="Settings (why)")
+    table.add_column("setting")
+    table.add_column("chosen")
+    for key, why in (result.get("settings") or {}).items():
+        table.add_row(key, escape(why))
+    return table
 
 
 def _report(result: dict[str, Any], settings: MachineSettings, seconds: float) -> None:
@@ -158,6 +205,7 @@ def _report(result: dict[str, Any], settings: MachineSettings, seconds: float) -
     for cluster, size in zip(result["cluster_ids"], result["cluster_sizes"], strict=True):
         sizes.add_row(str(cluster), str(size))
     console.print(sizes)
+    console.print(_settings_table(result))
     console.print(_clustering_table(result))
     pretext, growth, lineage = result["pretext"], result["growth"], result["lineage"]
     console.print(f"Backbone {pretext['key'][:12]}: {pretext['reason']}.", soft_wrap=True)
@@ -229,6 +277,9 @@ def _clustering_table(result: dict[str, Any]) -> Table:
         table.add_row("curves", escape(str(auto["plot"])))
     for stage, reason in result.get("skipped", {}).items():
         table.add_row(f"{stage} skipped", escape(reason))
+    guard = result.get("guard")
+    if guard:
+        table.add_row("kept", f"{guard['kept']}: {escape(str(guard['reason']))}")
     return table
 
 
@@ -310,14 +361,20 @@ def run(
         ),
     ] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help=_JSON_HELP)] = None,
+    preset: Annotated[str, typer.Option(help=_PRESET_HELP)] = "auto",
+    budget: Annotated[str | None, typer.Option(help=_BUDGET_HELP)] = None,
 ) -> None:
     """Run the pipeline on LAKE, caching stages under WORKSPACE."""
     with _json_output(json_out):
         try:
+            from tasks.auto import parse_budget
             from tasks.config import build_config, parse_clusters, parse_overrides
 
             wanted = parse_clusters(clusters)
-            cfg = build_config(config, parse_overrides(set_ or []), wanted)
+            overrides = parse_overrides(set_ or [])
+            seconds_budget = parse_budget(budget)
+            automatic = _automatic(config, preset, seconds_budget)
+            cfg = build_config(config, overrides, wanted)  # checks keys and values now
             settings = MachineSettings()
             Storage(lake, settings).check_reachable()  # fail fast, before Prefect starts
             Storage(workspace, settings).check_reachable(create=True)
@@ -326,9 +383,12 @@ def run(
             result = _run_flow(
                 lake,
                 workspace,
-                cfg.model_dump(mode="json"),
+                None if automatic else cfg.model_dump(mode="json"),
                 retrain_pretext,
-                "auto" if wanted == "auto" else None,
+                wanted,
+                overrides if automatic else None,
+                seconds_budget,
+                preset,
             )
             seconds = time.perf_counter() - start
         except Exception as exc:

@@ -262,6 +262,11 @@ def clustering_markdown(result: dict[str, Any]) -> list[str]:
         )
     for stage, reason in result.get("skipped", {}).items():
         lines.append(f"- {stage}: skipped ({reason}).")
+    guard = result.get("guard")
+    if guard:
+        lines.append(f"- Kept: {guard['kept']} ({guard['reason']}).")
+    for key, why in (result.get("settings") or {}).items():
+        lines.append(f"- Setting {key}: {why}.")
     over = overclustering_line(result["metrics"])
     if over is not None:
         lines.append(f"- {over}")

@@ -324,19 +324,22 @@ def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor, kernel_size: int =
     """
     if kernel_size % 2 != 1 or kernel_size < 1:
         raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
-    b, c, h, w = images.shape
     radius = kernel_size // 2
+    h, w = images.shape[-2:]
     offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
     s = sigmas.to(images.device, images.dtype).view(-1, 1)
     weights = torch.exp(-(offsets.view(1, -1) ** 2) / (2 * s**2))
-    weights = (weights / weights.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)
-    x = images.reshape(1, b * c, h, w)
-    x = F.pad(
-        x, (radius, radius, radius, radius), mode="reflect" if min(h, w) > radius else "replicate"
-    )
-    x = F.conv2d(x, weights.view(b * c, 1, kernel_size, 1), groups=b * c)
-    x = F.conv2d(x, weights.view(b * c, 1, 1, kernel_size), groups=b * c)
-    return x.reshape(b, c, h, w)
+    weights = (weights / weights.sum(dim=1, keepdim=True)).view(-1, 1, 1, 1, kernel_size)
+    mode = "reflect" if min(h, w) > radius else "replicate"
+    x = F.pad(images, (radius, radius, radius, radius), mode=mode)
+    # separable: a weighted sum of shifted copies, rows then columns (one kernel per image)
+    rows = weights[..., 0] * x[..., :, 0:w]
+    for j in range(1, kernel_size):
+        rows = rows + weights[..., j] * x[..., :, j : j + w]
+    out = weights[..., 0] * rows[..., 0:h, :]
+    for j in range(1, kernel_size):
+        out = out + weights[..., j] * rows[..., j : j + h, :]
+    return out
 
 
 class ShapeTransform(nn.Module):

@@ -58,15 +58,16 @@ def test_schedules_give_small_lakes_steps_and_cap_large_ones(n: int) -> None:
     assert steps(config, size_class(n), "pretext") >= 1500
     assert steps(config, size_class(n), "scan") >= 250
     assert chosen.estimate["total"] > 0 and chosen.lines()
-    assert config.pretext.augment == "shape" and config.image.channels == 1
+    assert config.pretext.augment == "photo" and config.image.channels == 1
     assert 5 <= config.neighbors.k <= 20
     if n >= 20_000:
         assert config.pretext.epochs <= 80 and config.scan.epochs <= 15
     assert auto_config(GREY, n, "cpu").config == config  # deterministic
 
 
-def test_photos_get_photo_views_and_the_gpu_a_resnet() -> None:
-    assert auto_config(PHOTOS, 5000, "cpu").config.pretext.augment == "photo"
+def test_colour_photos_get_colour_and_the_gpu_a_resnet() -> None:
+    colour = auto_config(PHOTOS, 5000, "cpu").config
+    assert colour.pretext.augment == "photo" and colour.image.channels == 3
     gpu = auto_config(PHOTOS, 5000, "cuda").config
     assert gpu.pretext.backbone == "resnet18_cifar" and gpu.image.size == 64
 
