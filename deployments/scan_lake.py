@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+from tasks.auto import parse_budget
 from tasks.config import build_config, parse_clusters
 from tasks.errors import ScanLakeError
 
@@ -47,24 +48,42 @@ def deployment_parameters(
     clusters: int | str | None = None,
     config_file: Path | str | None = None,
     overrides: dict[str, Any] | None = None,
+    budget: str | None = None,
 ) -> dict[str, Any]:
-    """The flow parameters of the deployment: lake, workspace, clusters and the whole config.
+    """The flow parameters of the deployment.
 
-    The config file and overrides are resolved now, so the deployment holds every setting (shown
-    and editable in the Prefect UI) and does not depend on a file on the worker. ``clusters``
-    is a number, or ``"auto"``: every run then chooses k without labels in
+    Without a config file, every run chooses its settings from the lake as ``scan-lake run``
+    does (``preset: auto``), with the ``overrides`` on top and the optional ``budget``: the
+    deployment holds lake, workspace, clusters, preset, overrides and budget. With a config
+    file, the file and the overrides are resolved now, so the deployment holds every setting
+    (shown and editable in the Prefect UI) and does not depend on a file on the worker.
+    ``clusters`` is a number, or ``"auto"``: every run then chooses k without labels in
     ``cluster_count.k_min..k_max`` (the flow's own ``clusters="auto"``).
 
     Raises:
-        ScanLakeError: an invalid config or ``clusters``.
+        ScanLakeError: an invalid config, override, budget or ``clusters``, or a budget with a
+            config file (a budget sizes the automatic settings only).
     """
     wanted = parse_clusters(clusters)
-    config = build_config(config_file, overrides, wanted)
-    return {
+    config = build_config(config_file, overrides, wanted)  # checks keys and values now
+    parameters: dict[str, Any] = {
         "lake": lake,
         "workspace": workspace,
         "clusters": "auto" if wanted == "auto" else config.scan.num_clusters,
-        "config": config.model_dump(mode="json"),
+    }
+    if config_file is not None:
+        if budget is not None:
+            raise ScanLakeError(
+                "--budget sizes the automatic settings: drop --config, or drop --budget and "
+                "set the epochs in the config file."
+            )
+        return {**parameters, "config": config.model_dump(mode="json")}
+    parse_budget(budget)
+    return {
+        **parameters,
+        "preset": "auto",
+        "overrides": dict(overrides or {}),
+        "budget": budget,
     }
 
 

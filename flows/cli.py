@@ -465,13 +465,14 @@ def _deployment_setup(
     config: Path | None,
     set_: list[str] | None,
     check_storage: bool,
+    budget: str | None = None,
 ) -> dict[str, Any]:
     """Validate a deployment request and point Prefect at its server; the flow parameters."""
     from deployments.scan_lake import check_api, deployment_parameters
     from tasks.config import parse_overrides
 
     parameters = deployment_parameters(
-        lake, workspace, clusters, config, parse_overrides(set_ or [])
+        lake, workspace, clusters, config, parse_overrides(set_ or []), budget
     )
     settings = MachineSettings()
     if check_storage:
@@ -491,13 +492,14 @@ def serve(
     set_: Annotated[list[str] | None, typer.Option("--set", help=_SET_HELP)] = None,
     cron: Annotated[str, typer.Option(help=_CRON_HELP)] = DEFAULT_CRON,
     name: Annotated[str, typer.Option(help="Deployment name.")] = DEPLOYMENT_NAME,
+    budget: Annotated[str | None, typer.Option(help=_BUDGET_HELP)] = None,
 ) -> None:
     """Serve the scheduled deployment: register it with the Prefect server (PREFECT_API_URL) and
     run its scheduled and requested runs in this process until Ctrl-C."""
     try:
         from deployments.scan_lake import build_deployment, serve_deployments
 
-        parameters = _deployment_setup(lake, workspace, clusters, config, set_, True)
+        parameters = _deployment_setup(lake, workspace, clusters, config, set_, True, budget)
         deployment = build_deployment(parameters, name=name, cron=cron)
     except ScanLakeError as exc:
         _fail(exc)
@@ -521,13 +523,14 @@ def deploy(
     set_: Annotated[list[str] | None, typer.Option("--set", help=_SET_HELP)] = None,
     cron: Annotated[str, typer.Option(help=_CRON_HELP)] = DEFAULT_CRON,
     name: Annotated[str, typer.Option(help="Deployment name.")] = DEPLOYMENT_NAME,
+    budget: Annotated[str | None, typer.Option(help=_BUDGET_HELP)] = None,
 ) -> None:
     """Register the scheduled deployment on a process work pool; a worker
     (`prefect worker start --pool WORK_POOL`) runs it."""
     try:
         from deployments.scan_lake import deploy_to_work_pool
 
-        parameters = _deployment_setup(lake, workspace, clusters, config, set_, False)
+        parameters = _deployment_setup(lake, workspace, clusters, config, set_, False, budget)
         deployment_id = deploy_to_work_pool(parameters, work_pool, name=name, cron=cron)
     except ScanLakeError as exc:
         _fail(exc)

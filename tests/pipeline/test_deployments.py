@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from tasks.errors import ScanLakeError
 from tests.pipeline.cli_runs import run_cli
 from tests.pipeline.conftest import TINY_CONFIG, lake_contents, write_local
 from tests.pipeline.weed import free_ports
@@ -304,10 +305,11 @@ def test_deploy_with_clusters_auto_registers_auto_and_the_server_accepts_a_run(
 
 
 def test_prefect_yaml_is_the_deployment_scan_lake_deploy_registers() -> None:
-    """prefect.yaml holds the deployment's own parameters (lake, workspace, clusters, growth
-    policy), no copy of a science config that could drift from one: its runs use the config that
-    ``scan-lake deploy`` registers without ``--config``, and its name, entrypoint, schedule, tags
-    and work pool are those of deployments/scan_lake.py and of the deploy command."""
+    """prefect.yaml holds the deployment's own parameters (lake, workspace, clusters, the growth
+    policy as overrides) and lets every run choose its science settings from the lake (preset
+    auto), as ``scan-lake deploy`` without ``--config`` registers; its name, entrypoint,
+    schedule, tags and work pool are those of deployments/scan_lake.py and of the deploy
+    command."""
     import inspect
 
     import yaml
@@ -315,7 +317,6 @@ def test_prefect_yaml_is_the_deployment_scan_lake_deploy_registers() -> None:
     from deployments import scan_lake
     from flows.cli import deploy
     from flows.pipeline import scan_pipeline
-    from tasks.config import as_config
 
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     (deployment,) = spec["deployments"]
@@ -331,13 +332,35 @@ def test_prefect_yaml_is_the_deployment_scan_lake_deploy_registers() -> None:
     pool_default = inspect.signature(deploy).parameters["work_pool"].default
     assert deployment["work_pool"]["name"] == pool_default
     parameters = deployment["parameters"]
-    assert set(parameters) == {"lake", "workspace", "clusters", "config"}
     assert set(parameters) <= set(inspect.signature(scan_pipeline.fn).parameters)
-    assert set(parameters["config"]) == {"growth"}, "science settings belong to a config file"
-    clusters = parameters["clusters"]
-    effective = as_config(parameters["config"]).with_overrides({"scan.num_clusters": clusters})
-    registered = scan_lake.deployment_parameters("lake", "workspace", clusters)
-    assert effective.model_dump(mode="json") == registered["config"]
+    assert {k.split(".")[0] for k in parameters["overrides"]} == {"growth"}
+    registered = scan_lake.deployment_parameters(
+        "lake", "workspace", parameters["clusters"], overrides=parameters["overrides"]
+    )
+    assert {k: v for k, v in parameters.items() if k not in ("lake", "workspace")} == {
+        k: v for k, v in registered.items() if k not in ("lake", "workspace")
+    }
+    assert registered["preset"] == "auto" and "config" not in registered
+
+
+def test_deployment_parameters_without_a_config_are_automatic() -> None:
+    from deployments import scan_lake
+
+    auto = scan_lake.deployment_parameters("lake", "ws", "auto", budget="30m")
+    assert auto == {
+        "lake": "lake",
+        "workspace": "ws",
+        "clusters": "auto",
+        "preset": "auto",
+        "overrides": {},
+        "budget": "30m",
+    }
+    given = scan_lake.deployment_parameters("lake", "ws", 4, TINY_CONFIG)
+    assert given["config"]["scan"]["num_clusters"] == 4 and "preset" not in given
+    with pytest.raises(ScanLakeError, match="--budget sizes the automatic settings"):
+        scan_lake.deployment_parameters("lake", "ws", 4, TINY_CONFIG, budget="30m")
+    with pytest.raises(ScanLakeError, match="is not a duration"):
+        scan_lake.deployment_parameters("lake", "ws", 4, budget="soon")
 
 
 def test_prefect_deploy_registers_prefect_yaml_and_a_worker_runs_it(
@@ -376,9 +399,10 @@ def test_prefect_deploy_registers_prefect_yaml_and_a_worker_runs_it(
     worker_command = [sys.executable, "-m", "prefect", "worker", "start"]
     worker = _start(worker_command + ["--pool", "scan-lake-test"], worker_env, log, cwd=root)
     try:
+        # a quick run: the tiny config given at run time (the deployment's growth overrides
+        # apply on top of it)
         tiny = yaml.safe_load(TINY_CONFIG.read_text())
-        config = {**tiny, "growth": deployment.parameters["config"]["growth"]}
-        parameters = {"config": config, "clusters": tiny["scan"]["num_clusters"]}
+        parameters = {"config": tiny, "clusters": tiny["scan"]["num_clusters"]}
         flow_run = _run_and_wait(prefect_api["url"], deployment.id, [log], parameters=parameters)
         assert flow_run.state.is_completed(), log.read_text()[-3000:]
         assert flow_run.parameters["lake"] == tiny_lake["lake"]
