@@ -119,13 +119,13 @@ QUICK_SETTINGS: dict[str, Any] = {
     "cluster_count.num_heads": 3,
 }
 
-#: Published numbers to put beside ours (../shared/REFERENCES.md).
+#: Published numbers to put beside ours.
 PUBLISHED = [
     ("K-means, raw pixels", "0.47 / 0.51 / -", "XifengGuo/DEC-keras README (mean of 10), 70k"),
     (
         "K-means, raw pixels (measured here 2026-11-22)",
         "0.476 / 0.512 / 0.349",
-        "REFERENCES.md, sklearn n_init 3, 70k",
+        "sklearn, n_init 3, 70k",
     ),
     ("Autoencoder + K-means", "0.61 / 0.64 / 0.474", "DEC-keras README, 70k"),
     ("DEC (Keras re-implementation)", "0.62 / 0.65 / 0.494", "DEC-keras README, 70k"),

@@ -1,4 +1,4 @@
-"""Typed configuration, one object per stage (DESIGN.md §3.4).
+"""Typed configuration, one object per stage.
 
 Every config is a frozen pydantic model that forbids unknown keys, so a typo in a config file or a
 ``--set`` override fails before any training starts, and ``fingerprint()`` gives the stable hash
@@ -173,7 +173,7 @@ class SelfLabelConfig(StageConfig):
 
 
 class GrowthConfig(StageConfig):
-    """How a growing lake is re-clustered (DESIGN.md §2, "Growing lakes").
+    """How a growing lake is re-clustered (docs/architecture.md, 'Growing lakes').
 
     These settings choose which inputs a run builds on (an earlier pretext backbone, the previous
     run's model); they are not hashed into any stage key themselves: the keys of the inputs they
@@ -251,7 +251,8 @@ ClusteringMethod = Literal["scan", "twostage", "iic", "kmeans"]
 
 
 class ClusteringConfig(StageConfig):
-    """Which method the clustering stage runs (DESIGN.md §1: the methods share the stages).
+    """Which method the clustering stage runs; the methods share the stages (docs/architecture.md,
+    'The method').
 
     Attributes:
         method: ``scan`` (SCAN, the ``scan`` section; the default), ``twostage`` (Han et al.'s
