@@ -23,7 +23,7 @@ The science settings are this benchmark's own (:data:`SETTINGS`, on top of the f
 
 Usage::
 
-    uv run python bench/growth.py               # N = 10,000; 28-30 minutes on 2 cores
+    uv run python bench/growth.py               # N = 10,000 (run time: README, Benchmarks)
     uv run python bench/growth.py --quick       # smoke run: 200 images, one epoch per stage
     uv run python bench/growth.py --set scan.epochs=20 --images 20000
 
@@ -54,7 +54,7 @@ STEPS = 5
 #: self-labeling epoch), copied so that retuning the demo leaves this benchmark as it was, and
 #: the growth defaults (warm start: 5 SCAN epochs at 0.3 of the learning rate, one
 #: self-labeling epoch) except ``retrain_pretext_after``. At N = 10,000 the cold runs train on
-#: 45,000 images in all; measured on 2 cores (2026-12-03): 28-30 minutes for the whole run.
+#: 45,000 images in all (the run time is in README, Benchmarks).
 SETTINGS: dict[str, Any] = {
     "pretext.epochs": 30,
     "scan.head_warmup_epochs": 30,

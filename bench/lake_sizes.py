@@ -21,7 +21,7 @@ runs the 1,797 handwritten digits that ship with scikit-learn (8x8, upscaled to 
 
 Usage::
 
-    uv run python bench/lake_sizes.py                         # every size (about 1.5 hours)
+    uv run python bench/lake_sizes.py                         # every size (hours on a CPU)
     uv run python bench/lake_sizes.py --sizes 200,1000        # some sizes (merged into the file)
     uv run python bench/lake_sizes.py --budget 30m            # the same with a budget
     uv run python bench/lake_sizes.py --dataset digits        # the digits lake (1,797 images)

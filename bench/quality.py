@@ -24,8 +24,8 @@ pretext model per seed instead (slower, also measures pretext variance).
 
 Usage::
 
-    uv run python bench/quality.py               # full run, 3 seeds: 57 min on 2 bf16 cores
-    uv run python bench/quality.py --seeds 1     # one seed: 69 min on 2 fp32 cores (2026-12-02)
+    uv run python bench/quality.py               # full run, 3 seeds (run time: README)
+    uv run python bench/quality.py --seeds 1     # one seed
     uv run python bench/quality.py --quick       # smoke test: 2,000 images, tiny epochs
     uv run python bench/quality.py --methods twostage,iic,scan_overcluster,auto_k --seeds 1 \
         --reuse-pretext                          # issue 7 rows, merged into the same files
@@ -86,14 +86,14 @@ RESULTS = Path(__file__).parent / "results"
 DATASET = "fashion-mnist"
 
 #: The benchmark's settings: the official ones scaled to a 2-core CPU budget (see quality.md).
-#: Batch 128 on 72%-size views: purity@20 0.810 vs 0.789 for batch 512 on full-size views, at
-#: less than half the pretext time (README, Benchmarks). 60 pretext epochs instead of 30: SCAN
-#: 0.751 vs 0.722 (bench/results/pretext-60-epochs). Self-labeling with Adam 3e-5 instead of the
-#: official 1e-4: on Fashion-MNIST self-labeling lowers ACC at every step size tried, and the
-#: smaller step loses less (README, Benchmarks). 5 SCAN heads through the whole network, the
-#: lowest held-out loss kept: seed spread 0.5 points instead of 2.6 with one head (README,
-#: Benchmarks). 10 full-network SCAN epochs instead of 15 to fit the 60-minute budget on a
-#: 2-core EPYC: 57.4 min instead of 65.5, SCAN 0.738 either way (3 seeds, README, Benchmarks).
+#: Batch 128 on 72%-size views: purer neighbours than batch 512 on full-size views, at less cost
+#: per epoch (README, Benchmarks). 60 pretext epochs instead of 30: a higher SCAN ACC
+#: (bench/results/pretext-60-epochs). Self-labeling with Adam 3e-5 instead of the official 1e-4:
+#: on Fashion-MNIST self-labeling lowers ACC at every step size tried, and the smaller step loses
+#: less (README, Benchmarks). 5 SCAN heads through the whole network, the lowest held-out loss
+#: kept: a much smaller seed spread than one head (README, Benchmarks). 10 full-network SCAN
+#: epochs instead of 15 to fit the 60-minute budget on a 2-core EPYC, at the same mean ACC
+#: (README, Benchmarks).
 FULL_SETTINGS: dict[str, Any] = {
     "pretext.epochs": 60,
     "pretext.batch_size": 128,
@@ -119,13 +119,13 @@ QUICK_SETTINGS: dict[str, Any] = {
     "cluster_count.num_heads": 3,
 }
 
-#: Published numbers to put beside ours (../shared/REFERENCES.md).
+#: Published numbers to put beside ours.
 PUBLISHED = [
     ("K-means, raw pixels", "0.47 / 0.51 / -", "XifengGuo/DEC-keras README (mean of 10), 70k"),
     (
         "K-means, raw pixels (measured here 2026-11-22)",
         "0.476 / 0.512 / 0.349",
-        "REFERENCES.md, sklearn n_init 3, 70k",
+        "sklearn, n_init 3, 70k",
     ),
     ("Autoencoder + K-means", "0.61 / 0.64 / 0.474", "DEC-keras README, 70k"),
     ("DEC (Keras re-implementation)", "0.62 / 0.65 / 0.494", "DEC-keras README, 70k"),

@@ -1,4 +1,4 @@
-"""The scheduled deployment of ``scan_pipeline`` (DESIGN.md §2, ``deployments/``).
+"""The scheduled deployment of ``scan_pipeline`` (docs/architecture.md, 'Layers').
 
 Re-clustering a growing lake on a schedule, Prefect's two ways:
 

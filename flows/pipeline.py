@@ -8,13 +8,13 @@ trains; self-labeling is SCAN's step 4 and runs for ``scan`` only (skipped, and 
 skipped, otherwise). ``clusters="auto"`` chooses the number of clusters after neighbour mining
 (the cached ``choose_k`` stage) and explains the choice in the summary.
 
-The flow only composes: it scans the lake (always), validates the request, plans what a growing
-lake builds on (the pretext backbone, a warm start, the run whose cluster ids to keep; DESIGN.md §2
-"Growing lakes"), computes every stage key, calls the tasks, notes which stages came from cache
-(``stage.<name>.*`` tags of the MLflow parent run), records the run for the next one, promotes
-the registered model when the run passes the gate (:mod:`tasks.promotion`), writes the cluster
-gallery (:mod:`tasks.gallery`) and publishes a Markdown summary, tables and links in Prefect
-(:mod:`tasks.prefect_reports`).
+The flow only composes: it scans the lake (always), validates the request, plans what a growing lake
+builds on (the pretext backbone, a warm start, the run whose cluster ids to keep;
+docs/architecture.md, 'Growing lakes'), computes every stage key, calls the tasks, notes which
+stages came from cache (``stage.<name>.*`` tags of the MLflow parent run), records the run for the
+next one, promotes the registered model when the run passes the gate (:mod:`tasks.promotion`),
+writes the cluster gallery (:mod:`tasks.gallery`) and publishes a Markdown summary, tables and links
+in Prefect (:mod:`tasks.prefect_reports`).
 """
 
 from __future__ import annotations

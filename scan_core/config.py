@@ -1,4 +1,4 @@
-"""Typed configuration, one object per stage (DESIGN.md §3.4).
+"""Typed configuration, one object per stage.
 
 Every config is a frozen pydantic model that forbids unknown keys, so a typo in a config file or a
 ``--set`` override fails before any training starts, and ``fingerprint()`` gives the stable hash
@@ -109,13 +109,11 @@ class ScanConfig(StageConfig):
     ``warmup_heads`` heads start from different random initialisations in that warm-up (10, as
     SCAN's ImageNet runs train 10 heads; restarts are nearly free on frozen features) and the
     ``num_heads`` with the lowest held-out SCAN loss go on to the full-network epochs, after
-    which the head with the lowest held-out loss is kept. On frozen Fashion-MNIST features, 20
-    restarts spread over ACC 0.51-0.70 and the lowest-loss one scored 0.703, 0.668 and 0.702 in
-    three trials (restart mean 0.655, 0.660, 0.654); but the warm-up ranking does not carry
-    through full-network training (one seed: 0.696 from the lowest-loss warm-up head, 0.744 from
-    a single random one), while the held-out loss after it does (5 heads, final losses -1.98 vs
-    -2.02 for ACC 0.69 vs 0.74), so train several heads through the full network
-    (``num_heads`` 5, as ``bench/quality.py`` does) rather than relying on the warm-up choice.
+    which the head with the lowest held-out loss is kept. Restarts on frozen features differ
+    widely in accuracy and the lowest-loss one scores above the average restart, but the warm-up
+    ranking does not carry through full-network training, while the held-out loss after it does
+    (README, Benchmarks), so train several heads through the full network (``num_heads`` 5, as
+    ``bench/quality.py`` does) rather than relying on the warm-up choice.
     """
 
     num_clusters: int = Field(10, ge=2)
@@ -173,7 +171,7 @@ class SelfLabelConfig(StageConfig):
 
 
 class GrowthConfig(StageConfig):
-    """How a growing lake is re-clustered (DESIGN.md §2, "Growing lakes").
+    """How a growing lake is re-clustered (docs/architecture.md, 'Growing lakes').
 
     These settings choose which inputs a run builds on (an earlier pretext backbone, the previous
     run's model); they are not hashed into any stage key themselves: the keys of the inputs they
@@ -188,12 +186,11 @@ class GrowthConfig(StageConfig):
         warm_selflabel_epochs: Self-labeling epochs of a warm start (at most ``selflabel.epochs``).
         warm_lr_scale: Learning rates of a warm start, as a fraction of ``scan.lr`` and
             ``selflabel.lr``: a warm start fine-tunes a model that already clusters, and at the
-            full rate the clusters of images seen before drift. In ``bench/growth.py`` (10,000
-            Fashion-MNIST images, +1,000 per step) the full rate changed the cluster of 6.1-7.0%
-            of the images seen before per step (ACC 0.651 -> 0.707 over five steps); 0.3
-            changed 1.9-4.9% (ACC 0.645-0.646, never more than 0.4 points below a from-scratch
-            run). The lower rate trades the warm model's gain for stable clusters; retraining the
-            backbone (``retrain_pretext_after``) refreshes it.
+            full rate the clusters of images seen before drift. In ``bench/growth.py`` the full
+            rate kept churn above the 5% target while 0.3 kept it below, with ACC close to a
+            from-scratch run (README, Benchmarks; ``bench/results/growth.md``). The lower rate
+            trades the warm model's gain for stable clusters; retraining the backbone
+            (``retrain_pretext_after``) refreshes it.
     """
 
     retrain_pretext_after: float = Field(0.5, ge=0)
@@ -251,7 +248,8 @@ ClusteringMethod = Literal["scan", "twostage", "iic", "kmeans"]
 
 
 class ClusteringConfig(StageConfig):
-    """Which method the clustering stage runs (DESIGN.md §1: the methods share the stages).
+    """Which method the clustering stage runs; the methods share the stages (docs/architecture.md,
+    'The method').
 
     Attributes:
         method: ``scan`` (SCAN, the ``scan`` section; the default), ``twostage`` (Han et al.'s
@@ -515,8 +513,8 @@ class TwoStageConfig(TwoStageSettings):
 
     Official two-stage settings (CIFAR-10, ``main.py``): 5 sub-heads, Norm-FC ``tau_c`` 0.1 with
     random frozen weights normalised per embedding dimension (``head_norm_axis="feature"``;
-    normalising each cluster vector instead gave ACC 0.27 vs 0.46 on 10k Fashion-MNIST images
-    after 5 epochs, see :class:`scan_core.models.NormFCLayer`), ``L_cp`` weight 1.0 and
+    normalising each cluster vector instead clustered Fashion-MNIST much worse, README,
+    Benchmarks; see :class:`scan_core.models.NormFCLayer`), ``L_cp`` weight 1.0 and
     temperature 0.1, SGD Nesterov lr 0.01, momentum 0.9, weight decay 5e-4, batch 128,
     300 epochs. IIC (xu-ji/IIC): Adam lr 1e-4, 5 sub-heads, an overclustering head (70 outputs
     for 10 classes) alternating with the main one. Every setting but ``num_clusters`` comes

@@ -163,7 +163,7 @@ class ConfidenceBasedCE(nn.Module):
 
 
 # ----------------------------------------------------------------------------- IIC, Han et al.
-# and Super-AND: the losses of the second seed method (DESIGN.md §1, last paragraph).
+# and Super-AND: the losses of the second seed method (docs/architecture.md, 'The method').
 
 #: IIC's clamp for probabilities before the log (official ``IID_loss``: ``sys.float_info.epsilon``).
 IIC_EPS = 2.220446049250313e-16

@@ -1,4 +1,5 @@
-"""Class assignment by mutual information: Han et al.'s stage 2 and IIC (DESIGN.md §1, last part).
+"""Class assignment by mutual information: Han et al.'s stage 2 and IIC
+(docs/architecture.md, 'The method').
 
 ``method="twostage"`` is stage 2 of Han et al., ECCV 2020 ("Mitigating Embedding and Class
 Assignment Mismatch in Unsupervised Image Classification"; official code ``main.py``): the

@@ -3,11 +3,11 @@ stable cluster ids; the final model is logged to MLflow as a servable pyfunc mod
 (:mod:`tasks.serving`) and registered (the flow promotes it after evaluation,
 :mod:`tasks.promotion`).
 
-Stable ids (DESIGN.md §2, "Growing lakes"): the clusters are matched to those of the previous run
-of the lake on the images both runs share (:mod:`tasks.lineage`), and the model's outputs are
-reordered so that output ``j`` is the ``j``-th smallest stable id (``cluster_ids`` in the summary;
-``0 .. C-1`` unless a cluster was born or the number of clusters changed). The reordered model is
-saved here too: the next run warm-starts from it.
+Stable ids (docs/architecture.md, 'Growing lakes'): the clusters are matched to those of the
+previous run of the lake on the images both runs share (:mod:`tasks.lineage`), and the model's
+outputs are reordered so that output ``j`` is the ``j``-th smallest stable id (``cluster_ids`` in
+the summary; ``0 .. C-1`` unless a cluster was born or the number of clusters changed). The
+reordered model is saved here too: the next run warm-starts from it.
 """
 
 from __future__ import annotations

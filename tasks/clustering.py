@@ -1,10 +1,10 @@
 """Clustering stage (SCAN step 3 and its alternatives; the stage keeps the name ``scan``).
 
-``clustering.method`` picks what it trains (DESIGN.md §1: the methods share the stages and differ
-in the losses plugged into them):
+``clustering.method`` picks what it trains; the methods share the stages and differ in the losses
+plugged into them (docs/architecture.md, 'The method'):
 
 - ``scan`` (default): SCAN heads on the mined neighbours, from the pretext backbone (cold) or
-  from the previous run's model (warm start, DESIGN.md §2 "Growing lakes");
+  from the previous run's model (warm start, docs/architecture.md, 'Growing lakes');
 - ``twostage``: Han et al.'s stage 2, IIC + ``L_cp`` with Norm-FC heads on the pretext embedding
   (the pretext model's embedding head is refined; RotNet has none, so a fresh one is trained);
 - ``iic``: IIC alone, linear heads on the backbone;

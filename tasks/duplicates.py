@@ -1,4 +1,4 @@
-"""Duplicates stage: a Parquet report of exact and near-duplicate images (DESIGN.md §2).
+"""Duplicates stage: a Parquet report of exact and near-duplicate images.
 
 - **Exact** duplicates are lake objects with the same content hash (one ``image_id``, several
   keys): the first key (by URI) is paired with every other one.

@@ -1,8 +1,8 @@
 """Errors a user can cause and fix: :class:`ScanLakeError`, and how other failures become one.
 
-Everything the CLI prints is one sentence naming the cause and the fix (DESIGN.md §3.11).
-:func:`user_error` turns the failures of the parts we build on (an object store that stopped
-answering, a full disk) into that sentence wherever in the flow they surface: in our storage
+Everything the CLI prints is one sentence naming the cause and the fix (docs/architecture.md,
+'Trust'). :func:`user_error` turns the failures of the parts we build on (an object store that
+stopped answering, a full disk) into that sentence wherever in the flow they surface: in our storage
 module, in Prefect's result storage or in MLflow's artifact upload.
 """
 

@@ -1,5 +1,5 @@
 """Evaluate stage (SCAN step 5): metrics when labels exist, and always sizes, confidences,
-prototypes and plots (DESIGN.md §1.5)."""
+prototypes and plots (docs/architecture.md, 'The method')."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The run history of a lake in a workspace: what the last finished run built, and what the next
-run builds on (DESIGN.md §2, "Growing lakes").
+run builds on (docs/architecture.md, 'Growing lakes').
 
 After every successful flow run :func:`record_run` writes a :class:`RunRecord` to
 ``<workspace>/history/<lake id>/latest.json`` (and a dated copy beside it). The next run's

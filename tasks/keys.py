@@ -1,4 +1,5 @@
-"""Stage keys: content fingerprints that decide what a rerun must recompute (DESIGN.md §2).
+"""Stage keys: content fingerprints that decide what a rerun must recompute
+(docs/architecture.md, 'Cache keys').
 
 A stage's key is the SHA-256 of its name, its config fingerprint, the keys of its inputs and the
 version of its code. The flow computes every key before calling a task; a stage whose key has a

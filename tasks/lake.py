@@ -1,4 +1,5 @@
-"""The lake scan that runs on every flow run: list, hash, inspect, decode (DESIGN.md §2, catalog).
+"""The lake scan that runs on every flow run: list, hash, inspect, decode (docs/architecture.md,
+'The stage contract').
 
 Objects whose (key, size, version) are unchanged since the previous scan keep their image_id
 without being read again, unless their pixels are missing from the pixel store; the rest are read

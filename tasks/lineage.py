@@ -1,4 +1,5 @@
-"""Stable cluster ids across runs of a growing lake (DESIGN.md §2, "Growing lakes"): pure functions.
+"""Stable cluster ids across runs of a growing lake (docs/architecture.md, 'Growing lakes'): pure
+functions.
 
 A new run's clusters are matched to the previous run's on the images both runs share: Hungarian
 matching (``scipy.optimize.linear_sum_assignment``) maximises the total overlap of the

@@ -4,9 +4,9 @@ stage 1, ``scan_core.superand``; the ``pretext`` section's settings plus the ``s
 section's). A Super-AND stage's key is computed under its own name and code version (``superand``
 in :mod:`tasks.keys`), so the keys of SimCLR and RotNet stages are those they always had.
 
-Growing lakes reuse a backbone (DESIGN.md §2): :func:`plan_pretext` keeps the earlier pretext stage
-(same config and code) that covers most of the lake until the lake has grown past
-``growth.retrain_pretext_after`` since it was trained (:func:`choose_backbone`, pure).
+Growing lakes reuse a backbone (docs/architecture.md, 'Growing lakes'): :func:`plan_pretext` keeps
+the earlier pretext stage (same config and code) that covers most of the lake until the lake has
+grown past ``growth.retrain_pretext_after`` since it was trained (:func:`choose_backbone`, pure).
 """
 
 from __future__ import annotations

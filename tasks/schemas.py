@@ -1,4 +1,5 @@
-"""Declared pyarrow schemas of every table the pipeline writes (DESIGN.md §2, Parquet contracts).
+"""Declared pyarrow schemas of every table the pipeline writes (docs/architecture.md,
+'Storage layout').
 
 ``image_id`` (the SHA-256 of the object's bytes) is the key everywhere; tables that must cover
 every lake object (the catalog, the assignments) also carry its ``uri``.

@@ -1,4 +1,4 @@
-"""Machine settings: where state lives and how to reach S3 and MLflow (DESIGN.md §3.4).
+"""Machine settings: where state lives and how to reach S3 and MLflow.
 
 Science settings live in :class:`scan_core.config.PipelineConfig`; everything that depends on the
 machine (endpoints, credentials, local state) comes from the environment through

@@ -1,5 +1,5 @@
 """What every stage task shares: its request, its output, its directory and manifest, its MLflow
-run, and its Prefect task options (DESIGN.md §2).
+run, and its Prefect task options (docs/architecture.md, 'The stage contract').
 
 A stage run writes its files into a folder of its own, ``<workspace>/<stage>/<key>/<attempt>/``,
 then commits ``<stage>/<key>/_manifest.json`` last, naming that folder. The commit is exclusive
@@ -56,7 +56,8 @@ logger = logging.getLogger(__name__)
 
 
 class StageRequest(BaseModel):
-    """What the flow hands a stage task: small values only (DESIGN.md §2, STACK-NOTES)."""
+    """What the flow hands a stage task: small values only (docs/architecture.md, 'The stage
+    contract')."""
 
     model_config = ConfigDict(frozen=True)
 

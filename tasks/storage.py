@@ -1,5 +1,6 @@
 """The one storage module: fsspec URLs (local folders and ``s3://``), listing, batched reads,
-atomic writes, JSON and Parquet with declared schemas (DESIGN.md §3.5).
+atomic writes, JSON and Parquet with declared schemas (docs/architecture.md,
+'Storage layout').
 
 A :class:`Storage` is bound to a root URL (a lake or a workspace); everything else addresses
 objects by a path relative to that root, so stages never build URLs by hand. Relative paths with

@@ -1,4 +1,5 @@
-"""MLflow tracking: one parent run per flow run, one nested run per stage that ran (DESIGN.md §2).
+"""MLflow tracking: one parent run per flow run, one nested run per stage that ran
+(docs/architecture.md, 'What a run leaves').
 
 Everything goes through an explicit ``MlflowClient`` and explicit run ids, because the active run
 of ``mlflow``'s fluent API is thread-local and Prefect may run tasks in other threads. Runs made
