@@ -17,9 +17,13 @@ config), so the detector sees what the duplicates stage loads from the pixel sto
   clean pairs included, counts against precision), recall per edit, and the fraction of images
   flagged in the same lake without the copies.
 
-Only the pixel stage is measured (perceptual hash + canonical-view correlation): the embeddings'
-second opinion (``min_cosine``) is not applied, as no pretext model is trained here. With it the
-pipeline can only flag fewer pairs (higher precision, recall at most this).
+The main measurement is the pixel stage alone (perceptual hash + canonical-view correlation): the
+embeddings' second opinion (``min_cosine``) needs a trained pretext model. With it the pipeline
+can only flag fewer pairs (recall at most this). To measure it, ``--write-lake L`` writes the test
+lake's objects, the real CLI runs on them keeping every pixel pair (``--set
+duplicates.min_cosine=-1``), and ``--report`` scores the run's duplicates report at several cosine
+thresholds, adding a section to the results (run it after the main measurement, which rewrites
+them).
 
 Writes ``bench/results/duplicates.json`` and ``bench/results/duplicates.md``. Run with
 ``OMP_NUM_THREADS=1 uv run python bench/duplicates.py``.
@@ -40,7 +44,7 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from scan_core.config import DuplicatesConfig, ImageConfig
-from scan_core.data import encode_png, load_fashion_mnist
+from scan_core.data import encode_png, lake_key, load_fashion_mnist
 from scan_core.duplicates import (
     Fingerprints,
     fingerprints,
@@ -180,6 +184,64 @@ def measure(
     return prints, clean, truth, edits, seconds
 
 
+def copy_key(index: int, edit: str) -> str:
+    """Lake key of the planted copy of image ``index``."""
+    return f"copies/{index:06d}-{edit}.{'jpg' if edit == 'jpeg_q70' else 'png'}"
+
+
+def test_lake(
+    args: argparse.Namespace,
+) -> tuple[list[str], list[bytes], list[tuple[int, int]], list[str]]:
+    """Keys and objects of the test lake (the one :func:`main` measures), its planted pairs (row
+    indices into the keys) and their edits."""
+    pixels, _ = load_fashion_mnist("all")
+    order = np.random.default_rng(args.seed).permutation(len(pixels))
+    images = pixels[order[args.images : 2 * args.images]]
+    objects, truth, edits = build_lake(images, args.planted, np.random.default_rng(args.seed + 2))
+    keys = [lake_key(i) for i in range(args.images)]
+    keys += [copy_key(i, e) for (i, _), e in zip(truth, edits, strict=True)]
+    return keys, objects, truth, edits
+
+
+def write_lake(args: argparse.Namespace) -> None:
+    """Write the test lake's objects under ``args.write_lake`` for a real pipeline run."""
+    keys, objects, _, _ = test_lake(args)
+    for key, data in zip(keys, objects, strict=True):
+        path = args.write_lake / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    print(f"{len(keys)} objects under {args.write_lake}")
+
+
+def score_report(args: argparse.Namespace) -> dict[str, Any]:
+    """Score a pipeline run's duplicates report on the test lake written by ``--write-lake``,
+    at each embedding cosine threshold (the run should record every pixel pair:
+    ``--set duplicates.min_cosine=-1``)."""
+    import pyarrow.parquet as pq
+
+    keys, _, truth, edits = test_lake(args)
+    row = {k: i for i, k in enumerate(keys)}
+    table = pq.read_table(args.report)
+    if not {"kind", "uri", "duplicate_uri", "cosine"} <= set(table.schema.names):
+        raise SystemExit(f"{args.report} is not a duplicates report")
+    near = [r for r in table.to_pylist() if r["kind"] == "near"]
+
+    def index(uri: str) -> int:
+        return row[uri.split(f"{args.lake_prefix.rstrip('/')}/", 1)[1]]
+
+    pairs = [
+        (tuple(sorted((index(r["uri"]), index(r["duplicate_uri"])))), float(r["cosine"]))
+        for r in near
+    ]
+    out = {}
+    for threshold in (-1.0, 0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99):
+        found = {p for p, c in pairs if c >= threshold}
+        result = score(found, truth, edits, args.images)  # type: ignore[arg-type]
+        clean = {i for p in found if p[1] < args.images for i in p}
+        out[str(threshold)] = {**result, "flagged_fraction_clean_in_lake": len(clean) / args.images}
+    return out
+
+
 def markdown(summary: dict[str, Any]) -> str:
     """The results page."""
     test = summary["test"]
@@ -207,6 +269,29 @@ def markdown(summary: dict[str, Any]) -> str:
         )
     lines += ["", "Recall per edit (test lake):", "", "| edit | recall |", "|---|---:|"]
     lines += [f"| {e} | {v:.3f} |" for e, v in test["recall_per_edit"].items()]
+    run = summary.get("pipeline_run")
+    if run:
+        lines += [
+            "",
+            "## With the embeddings (a real pipeline run)",
+            "",
+            "The test lake written as objects and run through the CLI, every pixel pair kept "
+            "(`duplicates.min_cosine=-1`), then scored at each embedding cosine threshold "
+            f"(`{run['command']}`):",
+            "",
+            "| min cosine | precision | recall | flagged (in the lake) | pairs found |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for threshold, r in run["by_min_cosine"].items():
+            lines.append(
+                f"| {threshold} | {r['precision']:.3f} | {r['recall']:.3f} | "
+                f"{100 * r['flagged_fraction_clean_in_lake']:.2f}% | {r['pairs_found']} |"
+            )
+        lines += [
+            "",
+            "Flagged (in the lake): images of the 5,000 originals paired with another original "
+            "in the lake with copies.",
+        ]
     targets = summary["targets_met"]
     lines += [
         "",
@@ -225,7 +310,40 @@ def main() -> None:
     parser.add_argument("--planted", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument(
+        "--write-lake", type=Path, help="only write the test lake's objects to this folder"
+    )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        help="only score this duplicates.parquet of a pipeline run on the --write-lake lake",
+    )
+    parser.add_argument("--lake-prefix", default="", help="the lake URL the run's URIs start with")
+    parser.add_argument(
+        "--run-set", nargs="*", default=[], help="the --set options of that run (recorded)"
+    )
     args = parser.parse_args()
+    if args.write_lake:
+        write_lake(args)
+        return
+    if args.report:
+        scored = score_report(args)
+        print(json.dumps(scored, indent=2))
+        summary_path = args.out / "duplicates.json"
+        summary = json.loads(summary_path.read_text())
+        summary["pipeline_run"] = {
+            "command": (
+                "OMP_NUM_THREADS=1 uv run python bench/duplicates.py --write-lake L; "
+                f"python -m flows.cli run --lake L --workspace W --config configs/tiny.yaml "
+                f"{' '.join(f'--set {o}' for o in args.run_set)}; "
+                "bench/duplicates.py --report W/duplicates/<key>/<attempt>/duplicates.parquet "
+                "--lake-prefix L"
+            ),
+            "by_min_cosine": scored,
+        }
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+        (args.out / "duplicates.md").write_text(markdown(summary))
+        return
     pixels, _ = load_fashion_mnist("all")
     order = np.random.default_rng(args.seed).permutation(len(pixels))
     calib_images = pixels[order[: args.images]]
