@@ -18,6 +18,9 @@ rests on the pixels:
    ``min_pixel_similarity`` and, where embeddings are given, their cosine similarity is at least
    ``min_cosine`` (a loose second opinion: a copy must also look alike to the model).
 
+Known limit: the moments follow every pixel that differs from the background, so a bright mark
+added far from the picture (a dot in a corner) shifts the view and can hide a copy.
+
 Everything here is pure numpy/torch/faiss; the duplicates stage (``tasks/duplicates.py``) loads the
 pixels and embeddings and writes the report.
 """
@@ -32,8 +35,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-#: Images hashed per batch (bounds the float32 memory of the resize and the DCT).
+#: Most images hashed per batch, and pairs compared per batch.
 HASH_BATCH = 4096
+#: Float32 values of one hashing batch at most (256 MiB): large images go a few at a time.
+BATCH_VALUES = 1 << 26
 
 #: Radius of gyration of the pixel weights in the canonical view, in half-widths of the view.
 CANONICAL_SPREAD = 0.5
@@ -146,15 +151,19 @@ def fingerprints(
     hashes = np.empty((len(tensor), hash_size * hash_size // 8), dtype=np.uint8)
     views = np.empty((len(tensor), dct_size * dct_size), dtype=np.float16)
     dct = torch.from_numpy(dct_matrix(dct_size))
-    for start in range(0, len(tensor), HASH_BATCH):
-        view = _canonical(tensor[start : start + HASH_BATCH], dct_size)
+    per_image = int(np.prod(tensor.shape[1:]))
+    batch = max(1, min(HASH_BATCH, BATCH_VALUES // per_image))
+    for start in range(0, len(tensor), batch):
+        view = _canonical(tensor[start : start + batch], dct_size)
         coeffs = dct @ view @ dct.T
         low = coeffs[:, :hash_size, :hash_size].reshape(len(view), -1)[:, 1:]
         median = low.median(dim=1, keepdim=True).values
         bits = torch.cat([torch.zeros(len(low), 1, dtype=torch.bool), low > median], dim=1)
         hashes[start : start + len(bits)] = np.packbits(bits.numpy(), axis=1)
         flat = view.reshape(len(view), -1)
-        views[start : start + len(view)] = (flat / flat.norm(dim=1, keepdim=True)).numpy()
+        views[start : start + len(view)] = (
+            flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-6)
+        ).numpy()
     return Fingerprints(hashes, views)
 
 

@@ -36,8 +36,10 @@ from tasks.storage import Storage
 
 DUPLICATES_FILE = "duplicates.parquet"
 
-#: Images loaded from the pixel store and fingerprinted at a time (bounds the memory).
+#: Most images loaded from the pixel store and fingerprinted at a time.
 PIXEL_CHUNK = 16384
+#: Pixel bytes loaded at a time at most (1 GiB): large images go fewer at a time.
+PIXEL_CHUNK_BYTES = 1 << 30
 
 
 def first_uris(image_ids: Sequence[str], uris: Sequence[str]) -> dict[str, list[str]]:
@@ -118,6 +120,8 @@ def image_fingerprints(
     """
     image_config = ImageConfig.model_validate(catalog.summary["image_config"])
     key = catalog.summary["image_config_key"]
+    per_image = image_config.channels * image_config.size**2
+    chunk = max(1, min(chunk, PIXEL_CHUNK_BYTES // per_image))
     parts = [
         fingerprints(load_pixels(workspace, key, ids[start : start + chunk], image_config))
         for start in range(0, len(ids), chunk)

@@ -197,3 +197,13 @@ def test_bad_inputs_are_refused(originals: np.ndarray) -> None:
     with pytest.raises(ValueError, match="NaN"):
         near_duplicates(prints, 4, 0.9, bad)
     assert len(near_duplicates(fingerprints(originals[:1]), 4, 0.9)) == 0
+
+
+def test_blank_images_have_finite_fingerprints_and_pair_with_nothing(
+    originals: np.ndarray,
+) -> None:
+    blank = np.zeros((2, 28, 28), dtype=np.uint8)
+    blank[1] = 200  # two flat images of different grey: nothing to compare
+    prints = fingerprints(np.concatenate([blank, originals[:5]]))
+    assert np.isfinite(prints.views.astype(np.float32)).all()
+    assert len(near_duplicates(prints, 4, 0.985)) == 0
