@@ -172,6 +172,16 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def _near_rule(thresholds: dict[str, Any] | None) -> str:
+    """The near-duplicate rule of a duplicates summary, in words."""
+    if not thresholds:
+        return "thresholds not recorded"
+    return (
+        f"hashes within {thresholds['max_hamming']} bits, pixel similarity >= "
+        f"{thresholds['min_pixel_similarity']}, embedding cosine >= {thresholds['min_cosine']}"
+    )
+
+
 def growth_markdown(result: dict[str, Any]) -> list[str]:
     """The growth part of the summary: backbone, warm/cold start, embedded images, churn,
     clusters born and vanished, per-cluster growth, duplicates."""
@@ -213,7 +223,8 @@ def growth_markdown(result: dict[str, Any]) -> list[str]:
         "## Duplicates",
         "",
         f"Exact: {dup.get('exact_duplicate_objects', 0)} extra objects in "
-        f"{dup.get('exact_groups', 0)} groups; near (cosine >= {dup.get('near_threshold')}): "
+        f"{dup.get('exact_groups', 0)} groups; near (same picture after an edit: "
+        f"{_near_rule(dup.get('thresholds'))}): "
         f"{dup.get('near_pairs', 0)} pairs of {dup.get('near_images', 0)} images "
         f"(`{result['duplicates_report']}`).",
     ]
@@ -550,7 +561,7 @@ def _track_growth(
                 "lineage/vanished": float(len(lineage["vanished"])),
             }
         )
-    metrics.update({f"duplicates/{k}": float(v) for k, v in dup.items() if k != "near_threshold"})
+    metrics.update({f"duplicates/{k}": float(v) for k, v in dup.items() if k != "thresholds"})
     tracking.log_metrics(ref, ref.parent_run_id, metrics)
     tracking.log_table(ref, ref.parent_run_id, lineage.get("clusters", []), "cluster_lineage.json")
 
@@ -720,13 +731,13 @@ def _run_stages(
     )
 
     dup_key = keys.stage_key(
-        "duplicates", cfg.duplicates.fingerprint(), {"catalog": cat.key, "neighbors": nbr.key}
+        "duplicates", cfg.duplicates.fingerprint(), {"catalog": cat.key, "embed": emb.key}
     )
     dup = run(
         duplicates,
         request("duplicates", dup_key, cfg.duplicates.model_dump(mode="json")),
         cat,
-        nbr,
+        emb,
     )
 
     chosen: dict[str, Any] | None = None

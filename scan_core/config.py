@@ -201,10 +201,36 @@ class GrowthConfig(StageConfig):
 
 
 class DuplicatesConfig(StageConfig):
-    """Duplicate report: exact duplicates share a content hash; near-duplicates are kNN pairs
-    whose cosine similarity is at least ``near_threshold``."""
+    """Duplicate report (``scan_core/duplicates.py``): exact duplicates share a content hash;
+    near-duplicates are the same picture stored twice after an edit (re-encoded, resized, slightly
+    cropped, brightened), found on the decoded pixels with the embeddings as a second opinion.
 
-    near_threshold: float = Field(0.98, gt=0, le=1)
+    A pair must pass all three checks. The defaults were calibrated by ``bench/duplicates.py`` on
+    a Fashion-MNIST lake with planted copies (the figures are in ``bench/results/duplicates.md``),
+    choosing the setting that finds the most copies while flagging fewer than 1% of the images of
+    the lake without copies; a lake of small, very uniform images like that one is the hard case,
+    so photos of varied scenes flag fewer distinct pairs.
+
+    Attributes:
+        max_hamming: Largest Hamming distance between the two 64-bit perceptual hashes (of the
+            canonical views). Tight: re-encoding, 2x resizing and brightening move the hash by a
+            few bits at most, while distinct pictures of one kind on small uniform images are
+            often only a little further apart, so a looser radius lets in many more distinct pairs
+            than copies; the copies missed are mostly 0.5x resizes and crops, whose lost detail
+            and shifted framing flip more bits.
+        min_pixel_similarity: Smallest correlation between the two canonical views (greyscale,
+            centred and scaled on the picture's moments, brightness-normalised). Set just below
+            what re-encoded, resized and brightened copies reach, and above most distinct pairs
+            that pass the hash check; a higher value flags fewer distinct pairs and loses the
+            blurred (0.5x) copies first.
+        min_cosine: Smallest cosine similarity of the two embeddings. Deliberately loose: SimCLR
+            embeddings are trained to ignore exactly these edits, so a copy is always close to its
+            original, and the check only removes pairs the model sees as different pictures.
+    """
+
+    max_hamming: int = Field(4, ge=0, le=64)
+    min_pixel_similarity: float = Field(0.985, gt=-1, le=1)
+    min_cosine: float = Field(0.8, ge=-1, le=1)
 
 
 class PromotionConfig(StageConfig):

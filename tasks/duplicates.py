@@ -2,32 +2,44 @@
 
 - **Exact** duplicates are lake objects with the same content hash (one ``image_id``, several
   keys): the first key (by URI) is paired with every other one.
-- **Near** duplicates are pairs of distinct images whose embeddings have a cosine similarity of at
-  least ``duplicates.near_threshold``, read from the neighbours table (so only pairs within each
-  other's ``neighbors.k`` nearest neighbours are found; the similarities are exact for the flat
-  index and approximate for IVF/HNSW).
+- **Near** duplicates are pairs of distinct images that are one picture after an edit
+  (re-encoded, resized, slightly cropped, brightened), found by :mod:`scan_core.duplicates` on the
+  decoded pixels from the pixel store: perceptual hashes within ``duplicates.max_hamming`` bits,
+  canonical views correlated at least ``duplicates.min_pixel_similarity``, and the embeddings'
+  cosine similarity at least ``duplicates.min_cosine`` as a second opinion.
 
-The pair-finding functions are pure; the stage reads the catalog and neighbours, writes
+The row-building functions are pure; the stage reads the catalog, pixels and embeddings, writes
 ``duplicates.parquet`` (schema :data:`tasks.schemas.DUPLICATES`) and logs it to MLflow.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
-from scan_core.config import DuplicatesConfig
+from scan_core.config import DuplicatesConfig, ImageConfig
+from scan_core.duplicates import Fingerprints, NearDuplicates, fingerprints, near_duplicates
 from tasks.catalog import read_catalog
-from tasks.neighbors import NEIGHBORS_FILE
+from tasks.embed import EMBEDDINGS_FILE, read_embeddings
+from tasks.lake import unique_ids
+from tasks.pixels import load_pixels
 from tasks.schemas import DUPLICATES
 from tasks.stage import STAGE_TASK_OPTIONS, StageOutput, StageRequest, StageRun, run_stage
+from tasks.storage import Storage
 
 DUPLICATES_FILE = "duplicates.parquet"
+
+#: Most images loaded from the pixel store and fingerprinted at a time.
+PIXEL_CHUNK = 16384
+#: Pixel bytes loaded at a time at most (1 GiB): large images go fewer at a time.
+PIXEL_CHUNK_BYTES = 1 << 30
 
 
 def first_uris(image_ids: Sequence[str], uris: Sequence[str]) -> dict[str, list[str]]:
@@ -52,69 +64,110 @@ def exact_duplicate_pairs(groups: dict[str, list[str]]) -> list[dict[str, Any]]:
                     "uri": first,
                     "duplicate_uri": other,
                     "similarity": 1.0,
+                    "hamming": 0,
+                    "cosine": 1.0,
                 }
             )
     return rows
 
 
 def near_duplicate_pairs(
-    ids: Sequence[str],
-    neighbor_ids: Sequence[Sequence[str]],
-    similarities: Sequence[Sequence[float]],
-    threshold: float,
-    groups: dict[str, list[str]],
+    ids: Sequence[str], found: NearDuplicates, groups: dict[str, list[str]]
 ) -> list[dict[str, Any]]:
-    """One ``near`` row per unordered pair of distinct images with similarity >= ``threshold``.
+    """One ``near`` row per pair found by :func:`scan_core.duplicates.near_duplicates`.
 
     Args:
-        ids: The anchors (unique image ids).
-        neighbor_ids: Each anchor's neighbour ids.
-        similarities: The matching cosine similarities.
-        threshold: Minimum cosine similarity.
+        ids: The images (unique ids) in the order of the rows the pairs index.
+        found: The near-duplicate pairs (row indices into ``ids``).
         groups: image_id -> sorted URIs (:func:`first_uris`).
 
     Returns:
-        Rows sorted by (image_id, duplicate_id) with ``image_id < duplicate_id``; a pair found from
-        both ends keeps its larger similarity.
+        Rows sorted by (image_id, duplicate_id) with ``image_id < duplicate_id``.
     """
-    best: dict[tuple[str, str], float] = {}
-    for anchor, others, sims in zip(ids, neighbor_ids, similarities, strict=True):
-        for other, sim in zip(others, sims, strict=True):
-            if other == anchor or sim < threshold:
-                continue
-            pair = (anchor, other) if anchor < other else (other, anchor)
-            best[pair] = max(best.get(pair, -1.0), float(sim))
-    return [
-        {
-            "kind": "near",
-            "image_id": a,
-            "duplicate_id": b,
-            "uri": groups[a][0],
-            "duplicate_uri": groups[b][0],
-            "similarity": sim,
-        }
-        for (a, b), sim in sorted(best.items())
+    rows = []
+    for i, j, hamming, pixel, cosine in zip(
+        found.first.tolist(),
+        found.second.tolist(),
+        found.hamming.tolist(),
+        found.pixel_similarity.tolist(),
+        found.cosine.tolist(),
+        strict=True,
+    ):
+        a, b = (ids[i], ids[j]) if ids[i] < ids[j] else (ids[j], ids[i])
+        rows.append(
+            {
+                "kind": "near",
+                "image_id": a,
+                "duplicate_id": b,
+                "uri": groups[a][0],
+                "duplicate_uri": groups[b][0],
+                "similarity": pixel,
+                "hamming": hamming,
+                "cosine": None if math.isnan(cosine) else cosine,
+            }
+        )
+    return sorted(rows, key=lambda r: (r["image_id"], r["duplicate_id"]))
+
+
+def image_fingerprints(
+    workspace: Storage, catalog: StageOutput, ids: list[str], chunk: int = PIXEL_CHUNK
+) -> Fingerprints:
+    """Fingerprints of the images ``ids`` from the pixel store, ``chunk`` images at a time.
+
+    Raises:
+        ScanLakeError: an image is missing from the pixel store.
+        WorkspaceFileError: a pixel store shard is not one.
+    """
+    image_config = ImageConfig.model_validate(catalog.summary["image_config"])
+    key = catalog.summary["image_config_key"]
+    per_image = image_config.channels * image_config.size**2
+    chunk = max(1, min(chunk, PIXEL_CHUNK_BYTES // per_image))
+    parts = [
+        fingerprints(load_pixels(workspace, key, ids[start : start + chunk], image_config))
+        for start in range(0, len(ids), chunk)
     ]
+    if not parts:
+        return fingerprints(np.zeros((0, 1, 8, 8), dtype=np.uint8))
+    return Fingerprints(
+        np.concatenate([p.hashes for p in parts]), np.concatenate([p.views for p in parts])
+    )
 
 
-def duplicates_fn(
-    request: StageRequest, catalog: StageOutput, neighbors: StageOutput
-) -> StageOutput:
+def aligned_embeddings(workspace: Storage, embed: StageOutput, ids: list[str]) -> np.ndarray:
+    """The embeddings of ``ids``, in that order.
+
+    Raises:
+        WorkspaceFileError: the embeddings table is not one, or lacks an image of ``ids``.
+    """
+    embedded, vectors = read_embeddings(workspace, embed)
+    row = {image_id: i for i, image_id in enumerate(embedded)}
+    missing = [i for i in ids if i not in row]
+    if missing:
+        raise workspace.bad_file(
+            f"{embed.rel_dir}/{EMBEDDINGS_FILE}",
+            f"has no embedding for {len(missing)} catalogued images (e.g. {missing[0][:12]})",
+        )
+    return np.asarray(vectors[[row[i] for i in ids]], dtype=np.float32)
+
+
+def duplicates_fn(request: StageRequest, catalog: StageOutput, embed: StageOutput) -> StageOutput:
     """Find exact and near duplicates; write the report."""
 
     def body(run: StageRun) -> dict[str, Any]:
         config = DuplicatesConfig.model_validate(request.config)
         table = read_catalog(run.workspace, catalog)
         groups = first_uris(table["image_id"].to_pylist(), table["uri"].to_pylist())
-        nbrs = run.workspace.read_table(f"{neighbors.rel_dir}/{NEIGHBORS_FILE}")
-        exact = exact_duplicate_pairs(groups)
-        near = near_duplicate_pairs(
-            nbrs["image_id"].to_pylist(),
-            nbrs["neighbor_ids"].to_pylist(),
-            nbrs["similarities"].to_pylist(),
-            config.near_threshold,
-            groups,
+        ids = unique_ids(table)
+        prints = image_fingerprints(run.workspace, catalog, ids)
+        found = near_duplicates(
+            prints,
+            config.max_hamming,
+            config.min_pixel_similarity,
+            aligned_embeddings(run.workspace, embed, ids),
+            config.min_cosine,
         )
+        exact = exact_duplicate_pairs(groups)
+        near = near_duplicate_pairs(ids, found, groups)
         report = pa.Table.from_pylist(exact + near, schema=DUPLICATES)
         run.write_table(DUPLICATES_FILE, report)
         buffer = io.BytesIO()
@@ -127,12 +180,12 @@ def duplicates_fn(
             "near_images": len({r["image_id"] for r in near} | {r["duplicate_id"] for r in near}),
         }
         run.log_metrics({f"duplicates/{k}": float(v) for k, v in counts.items()})
-        return {**counts, "near_threshold": config.near_threshold}
+        return {**counts, "thresholds": config.model_dump(mode="json")}
 
     return run_stage(request, body)
 
 
 @task(name="duplicates", **STAGE_TASK_OPTIONS)
-def duplicates(request: StageRequest, catalog: StageOutput, neighbors: StageOutput) -> StageOutput:
+def duplicates(request: StageRequest, catalog: StageOutput, embed: StageOutput) -> StageOutput:
     """Duplicates stage task (cached on the duplicates key)."""
-    return duplicates_fn(request, catalog, neighbors)
+    return duplicates_fn(request, catalog, embed)

@@ -65,7 +65,7 @@ STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
         "scan_core.neighbors",
         "scan_core.data",
     ),
-    "duplicates": (),
+    "duplicates": ("scan_core.duplicates",),
     # keys of the other methods (pretext.method, clustering.method) have names of their own
     "superand": ("scan_core.superand", *_LOADS_PRETEXT_MODEL),
     "twostage": ("scan_core.twostage", *_LOADS_PRETEXT_MODEL),
@@ -92,7 +92,7 @@ TASK_FORMAT_VERSION: dict[str, int] = {
     "selflabel": 1,
     "assign": 2,  # 2: stable cluster ids, lineage table, reordered checkpoint
     "evaluate": 2,  # 2: reads stable cluster ids
-    "duplicates": 1,
+    "duplicates": 2,  # 2: near pairs from the pixels (hash, views, embeddings), new columns
     "superand": 1,
     "twostage": 1,
     "iic": 1,

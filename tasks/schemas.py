@@ -93,9 +93,11 @@ CLUSTER_LINEAGE = pa.schema(
 )
 
 #: Duplicate report, one row per pair: ``exact`` pairs are two lake objects with one content hash
-#: (``image_id == duplicate_id``, similarity 1); ``near`` pairs are two images whose embeddings'
-#: cosine similarity (from the neighbours table) reaches the threshold, ``image_id <
-#: duplicate_id``, each with the first lake object (by URI) holding it.
+#: (``image_id == duplicate_id``, similarity 1, hamming 0, cosine 1); ``near`` pairs are two images
+#: that are one picture after an edit (:mod:`scan_core.duplicates`), ``image_id < duplicate_id``,
+#: each with the first lake object (by URI) holding it: ``similarity`` is the correlation of their
+#: canonical views, ``hamming`` the distance of their perceptual hashes, ``cosine`` the similarity
+#: of their embeddings (null when none were compared).
 DUPLICATES = pa.schema(
     [
         ("kind", pa.string()),
@@ -104,5 +106,7 @@ DUPLICATES = pa.schema(
         ("uri", pa.string()),
         ("duplicate_uri", pa.string()),
         ("similarity", pa.float32()),
+        ("hamming", pa.int32()),
+        ("cosine", pa.float32()),
     ]
 )

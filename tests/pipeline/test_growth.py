@@ -1,6 +1,7 @@
 """A growing lake in a local folder, run after run (tests run in file order on one workspace):
 
-1. first run: 100 Fashion-MNIST images, an exact duplicate object and a near-duplicate image;
+1. first run: 100 Fashion-MNIST images, an exact duplicate object and a near-duplicate image
+   (one of them at twice the size), the only near pair reported;
 2. 12 images added and 5 removed: exactly 12 embedded, the backbone reused (and why, in MLflow),
    a warm start, the removed images gone from every output, cluster ids matched to run 1;
 3. no change: every stage a cache hit (the warm/relabel plan is repeated, so the keys are equal);
@@ -18,7 +19,9 @@ from typing import Any
 import numpy as np
 import pytest
 from mlflow import MlflowClient
+from PIL import Image
 
+from scan_core.config import DuplicatesConfig
 from scan_core.data import encode_png, lake_key
 from tasks.schemas import CLUSTER_LINEAGE, DUPLICATES
 from tasks.storage import Storage, table_stage_key
@@ -61,9 +64,9 @@ def growth(
     images, labels = fashion
     objects = lake_contents(images[:FIRST], labels[:FIRST], extras=False)
     objects["extra/copy-of-0.png"] = objects[lake_key(0)]  # an exact duplicate object
-    near = images[1].copy()
-    near[0, 0] = 255 - near[0, 0]  # one pixel changed: a near-duplicate of image 1
-    objects["extra/almost-1.png"] = encode_png(near)
+    # image 1 stored again at twice the size: a near-duplicate (the pipeline decodes it to 28x28)
+    near = Image.fromarray(images[1]).resize((56, 56), Image.Resampling.BICUBIC)
+    objects["extra/almost-1.png"] = encode_png(np.asarray(near))
     write_local(lake, objects)
     first = run_pipeline(str(lake), str(workspace), OVERRIDES)
     yield {
@@ -100,8 +103,11 @@ def test_first_run_reports_duplicates_and_first_ids(growth: dict[str, Any]) -> N
     pair = {
         frozenset((r["uri"].rsplit("/", 1)[1], r["duplicate_uri"].rsplit("/", 1)[1])) for r in near
     }
-    assert frozenset(("almost-1.png", "000001.png")) in pair
-    assert all(r["similarity"] >= 0.98 for r in near)
+    # the copy and nothing else: distinct images of one class are not near-duplicates
+    assert pair == {frozenset(("almost-1.png", "000001.png"))}
+    rule = DuplicatesConfig()
+    assert all(r["similarity"] >= rule.min_pixel_similarity for r in near)
+    assert all(r["hamming"] <= rule.max_hamming and r["cosine"] >= rule.min_cosine for r in near)
     assert first["duplicates"]["exact_duplicate_objects"] == 1
     assert first["duplicates"]["near_pairs"] == len(near)
 

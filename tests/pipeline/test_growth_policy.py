@@ -11,6 +11,7 @@ import torch
 from pydantic import ValidationError
 
 from scan_core.config import GrowthConfig, ScanConfig, SelfLabelConfig
+from scan_core.duplicates import NearDuplicates
 from scan_core.models import ClusteringModel, build_backbone
 from tasks.checkpoints import reorder_clusters
 from tasks.duplicates import exact_duplicate_pairs, first_uris, near_duplicate_pairs
@@ -163,25 +164,23 @@ def test_exact_duplicates_pair_the_first_uri_with_the_others() -> None:
     assert {r["kind"] for r in rows} == {"exact"} and {r["image_id"] for r in rows} == {"x"}
 
 
-def test_near_duplicates_are_unordered_pairs_above_the_threshold() -> None:
+def test_near_duplicate_rows_order_each_pair_by_image_id() -> None:
     groups = {"a": ["u/a"], "b": ["u/b", "u/b2"], "c": ["u/c"]}
-    rows = near_duplicate_pairs(
-        ["a", "b", "c"],
-        [["a", "b", "c"], ["a", "c"], ["b", "a"]],
-        [[1.0, 0.99, 0.5], [0.995, 0.97], [0.97, 0.5]],
-        0.98,
-        groups,
+    found = NearDuplicates(
+        first=np.array([0, 0]),
+        second=np.array([1, 2]),
+        hamming=np.array([2, 0], dtype=np.int32),
+        pixel_similarity=np.array([0.99, 0.995], dtype=np.float32),
+        cosine=np.array([0.9, np.nan], dtype=np.float32),
     )
-    assert rows == [
-        {
-            "kind": "near",
-            "image_id": "a",
-            "duplicate_id": "b",
-            "uri": "u/a",
-            "duplicate_uri": "u/b",
-            "similarity": 0.995,
-        }
+    rows = near_duplicate_pairs(["c", "a", "b"], found, groups)
+    assert [(r["image_id"], r["duplicate_id"], r["uri"], r["duplicate_uri"]) for r in rows] == [
+        ("a", "c", "u/a", "u/c"),
+        ("b", "c", "u/b", "u/c"),
     ]
+    assert [r["hamming"] for r in rows] == [2, 0]
+    assert rows[0]["similarity"] == pytest.approx(0.99) and rows[0]["cosine"] == pytest.approx(0.9)
+    assert rows[1]["cosine"] is None and {r["kind"] for r in rows} == {"near"}
 
 
 # -- reordering a model's clusters ------------------------------------------------------------
