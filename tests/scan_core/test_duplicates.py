@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
+from bench.duplicates import edited_copy as edited
 from scan_core.config import DuplicatesConfig, ImageConfig
 from scan_core.data import encode_png, load_fashion_mnist
 from scan_core.duplicates import (
@@ -28,27 +29,6 @@ EDITS = ("jpeg_q70", "resize_0.5x", "resize_2x", "crop_5pct", "brighten_1.3")
 def fashion_test() -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST's test split (the benchmark calibrates on other lakes)."""
     return load_fashion_mnist("test")
-
-
-def _save(image: Image.Image, fmt: str = "PNG", **options: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
-def edited(pixels: np.ndarray, edit: str, rng: np.random.Generator) -> bytes:
-    image = Image.fromarray(pixels)
-    w, h = image.size
-    if edit == "jpeg_q70":
-        return _save(image, "JPEG", quality=70)
-    if edit == "resize_0.5x":
-        return _save(image.resize((w // 2, h // 2), Image.Resampling.BICUBIC))
-    if edit == "resize_2x":
-        return _save(image.resize((2 * w, 2 * h), Image.Resampling.BICUBIC))
-    if edit == "crop_5pct":
-        x, y = (int(v) for v in rng.integers(0, 2, size=2))
-        return _save(image.crop((x, y, x + w - 1, y + h - 1)))
-    return _save(ImageEnhance.Brightness(image).enhance(1.3))
 
 
 def decoded(objects: list[bytes]) -> np.ndarray:
