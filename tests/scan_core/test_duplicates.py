@@ -3,11 +3,9 @@ and their edited copies, pair finding against brute force, the embeddings' secon
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
-from PIL import Image, ImageEnhance
+from PIL import Image
 
 from bench.duplicates import edited_copy as edited
 from scan_core.config import DuplicatesConfig, ImageConfig
