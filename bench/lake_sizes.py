@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -41,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.quality import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SIZES = (200, 1000, 5000, 20_000, 70_000)
@@ -59,17 +60,6 @@ ROW_KEYS = (
     "step4",
     "failed",
 )
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_dataset(dataset: str) -> tuple[np.ndarray, np.ndarray]:
