@@ -49,6 +49,15 @@ _BUDGET_HELP = (
     "Wall time the automatic settings should fit on this machine, e.g. 30m, 2h, 1h30m (the "
     "schedules are scaled down to it, never below their minimums)."
 )
+_WORKERS_HELP = (
+    "Start a local Dask cluster of N worker processes (one thread each) for the parallel work: "
+    "decoding new lake objects, embedding, the ks of --clusters auto."
+)
+_DASK_HELP = (
+    "Run the parallel work on the existing Dask cluster whose scheduler is at ADDRESS "
+    "(host:port; default: SCAN_LAKE_DASK_ADDRESS). Its workers need this environment and a "
+    "workspace they can reach (s3:// or a shared folder)."
+)
 _JSON_HELP = (
     "Write the result as JSON to this file, or '-' for stdout (the tables are not printed "
     'then). A failed run writes {"ok": false, "error": ..., "stage": ...}.'
@@ -120,6 +129,8 @@ def _run_flow(
     overrides: dict[str, Any] | None = None,
     budget: float | None = None,
     preset: str = "auto",
+    workers: int | None = None,
+    dask_address: str | None = None,
 ) -> dict[str, Any]:
     from flows.pipeline import scan_pipeline
     from tasks import progress as progress_hub
@@ -153,6 +164,8 @@ def _run_flow(
                 preset=chosen,
                 overrides=overrides,
                 budget=budget,
+                workers=workers,
+                dask_address=dask_address,
             )
         finally:
             progress_hub.remove_reporter(reporter)
@@ -363,6 +376,8 @@ def run(
     json_out: Annotated[Path | None, typer.Option("--json", help=_JSON_HELP)] = None,
     preset: Annotated[str, typer.Option(help=_PRESET_HELP)] = "auto",
     budget: Annotated[str | None, typer.Option(help=_BUDGET_HELP)] = None,
+    workers: Annotated[int | None, typer.Option(help=_WORKERS_HELP)] = None,
+    dask: Annotated[str | None, typer.Option(metavar="ADDRESS", help=_DASK_HELP)] = None,
 ) -> None:
     """Run the pipeline on LAKE, caching stages under WORKSPACE."""
     with _json_output(json_out):
@@ -375,6 +390,9 @@ def run(
             seconds_budget = parse_budget(budget)
             automatic = _automatic(config, preset, seconds_budget)
             cfg = build_config(config, overrides, wanted)  # checks keys and values now
+            from tasks.parallel import requested
+
+            workers, dask = requested(workers, dask)
             settings = MachineSettings()
             Storage(lake, settings).check_reachable()  # fail fast, before Prefect starts
             Storage(workspace, settings).check_reachable(create=True)
@@ -389,6 +407,8 @@ def run(
                 overrides if automatic else None,
                 seconds_budget,
                 preset,
+                workers,
+                dask,
             )
             seconds = time.perf_counter() - start
         except Exception as exc:
@@ -406,13 +426,17 @@ def demo(
     config: Annotated[Path, typer.Option(help="YAML config file.")] = DEMO_CONFIG,
     set_: Annotated[list[str] | None, typer.Option("--set", help=_SET_HELP)] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help=_JSON_HELP)] = None,
+    workers: Annotated[int | None, typer.Option(help=_WORKERS_HELP)] = None,
+    dask: Annotated[str | None, typer.Option(metavar="ADDRESS", help=_DASK_HELP)] = None,
 ) -> None:
     """Build a demo lake of Fashion-MNIST PNGs and run the whole pipeline on it."""
     with _json_output(json_out):
         try:
             from tasks.config import build_config, parse_overrides
+            from tasks.parallel import requested
 
             cfg = build_config(config, parse_overrides(set_ or []))
+            workers, dask = requested(workers, dask)
             settings = MachineSettings()
             prepare_environment(settings)
             from flows.demo import write_demo_lake
@@ -421,7 +445,13 @@ def demo(
             start = time.perf_counter()
             written = write_demo_lake(str(lake), images)
             console.print(f"demo lake {lake}: {images} Fashion-MNIST images ({written} written)")
-            result = _run_flow(str(lake), str(workspace), cfg.model_dump(mode="json"))
+            result = _run_flow(
+                str(lake),
+                str(workspace),
+                cfg.model_dump(mode="json"),
+                workers=workers,
+                dask_address=dask,
+            )
             seconds = time.perf_counter() - start
         except Exception as exc:
             _stop(exc, json_out)

@@ -28,7 +28,7 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ValidationError
 
 from scan_core.config import PipelineConfig
-from tasks import keys, progress, promotion, tracking
+from tasks import keys, parallel, progress, promotion, tracking
 from tasks.assign import ASSIGNMENTS_FILE, assign
 from tasks.auto import image_section, parse_budget, settings_for
 from tasks.catalog import catalog
@@ -347,6 +347,8 @@ def scan_pipeline(
     preset: Literal["auto", "paper"] = "auto",
     overrides: dict[str, Any] | None = None,
     budget: str | float | None = None,
+    workers: int | None = None,
+    dask_address: str | None = None,
 ) -> dict[str, Any]:
     """Cluster the images of ``lake`` with SCAN, caching every stage under ``workspace``.
 
@@ -364,14 +366,20 @@ def scan_pipeline(
             it without labels in ``cluster_count.k_min .. k_max`` after neighbour mining.
         retrain_pretext: Train the backbone on the current images even if the lake grew less than
             ``growth.retrain_pretext_after`` since the current one was trained.
+        workers: Start a local Dask cluster of this many worker processes for the run's
+            parallel work (:mod:`tasks.parallel`).
+        dask_address: Run the parallel work on the Dask scheduler at this address (default:
+            ``SCAN_LAKE_DASK_ADDRESS``). Neither: everything runs in the flow's process.
 
     Returns:
         A summary: stages (cached or not), stages_run, metrics, cluster ids and sizes, counts,
         the backbone and warm/cold plan, churn and per-cluster growth, duplicates, MLflow ids
-        and link, the assignments URI, the gallery URI and the promotion decision.
+        and link, the assignments URI, the gallery URI, the promotion decision and the engine
+        (``parallel``: kind, workers, the process ids shards ran in).
     """
     log = get_run_logger()
     settings = MachineSettings()
+    parallel.requested(workers, dask_address)  # a bad request stops before any work
     auto = clusters == "auto"
     choice = SettingsChoice(
         automatic=config is None and preset == "auto",
@@ -403,8 +411,18 @@ def scan_pipeline(
     reporter = ProgressArtifacts()
     progress.add_reporter(reporter)
     try:
-        with library_logs_to_prefect():
+        with library_logs_to_prefect(), parallel.engine(workers, dask_address) as engine:
+            tracking.log_params(
+                ref,
+                parent,
+                {
+                    "engine": engine.kind,
+                    "workers": str(engine.workers),
+                    "dask": engine.address or "",
+                },
+            )
             result = _run_stages(lake_store, ws, choice, ref, retrain_pretext, flow_run_id, auto)
+            result["parallel"] = engine.describe()
     except BaseException:
         tracking.end_run(ref, parent, ok=False)
         raise

@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -185,14 +186,26 @@ def _pairwise_ari(clusterings: np.ndarray) -> tuple[float, float]:
     return float(aris.mean()), float(aris.std() / math.sqrt(len(clusterings)))
 
 
-def score_cluster_counts(
-    features: np.ndarray, neighbors: np.ndarray, config: ClusterCountConfig
-) -> tuple[list[int], dict[str, list[float]], dict[int, np.ndarray]]:
-    """Every criterion of the module docstring for every k in ``config.k_min .. config.k_max``.
+CRITERIA = (
+    "scan_loss",
+    "consistency",
+    "neighbour_agreement",
+    "assignment_entropy",
+    "stability",
+    "stability_se",
+)
 
-    Returns:
-        ``(ks, criteria, predictions)``: criteria map a name to one value per k;
-        ``predictions`` holds the best head's argmax ids on all samples for every k.
+#: Scores every k of a list: ``(criteria of k, best head's argmax ids)`` per k, in order.
+CountScorer = Callable[[list[int]], list[tuple[dict[str, float], np.ndarray]]]
+
+
+def check_count_inputs(
+    features: np.ndarray, neighbors: np.ndarray, config: ClusterCountConfig
+) -> np.ndarray:
+    """``features`` as float32 after checking the shapes against ``neighbors`` and ``k_max``.
+
+    Raises:
+        ValueError: mismatched shapes, or ``k_max`` not below the number of samples.
     """
     features = np.asarray(features, dtype=np.float32)
     n = features.shape[0]
@@ -203,57 +216,81 @@ def score_cluster_counts(
         )
     if config.k_max >= n:
         raise ValueError(f"k_max ({config.k_max}) must be smaller than the {n} samples")
-    rng = np.random.default_rng(config.seed)
-    order = rng.permutation(n)
+    return features
+
+
+def count_split(n: int, config: ClusterCountConfig) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_idx, val_idx)``: the held-out split every k is scored on (by ``config.seed``)."""
+    order = np.random.default_rng(config.seed).permutation(n)
     n_val = max(2, round(n * config.val_fraction))
-    val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def score_cluster_count(
+    features: np.ndarray, neighbors: np.ndarray, k: int, config: ClusterCountConfig
+) -> tuple[dict[str, float], np.ndarray]:
+    """The criteria of the module docstring for one k (heads seeded by ``config.seed + k``),
+    and the best head's argmax ids on all samples; independent of the other ks."""
+    features = check_count_inputs(features, neighbors, config)
+    train_idx, val_idx = count_split(features.shape[0], config)
     val_nbr = neighbors[val_idx]
-    ks = list(range(config.k_min, config.k_max + 1))
-    names = (
-        "scan_loss",
-        "consistency",
-        "neighbour_agreement",
-        "assignment_entropy",
-        "stability",
-        "stability_se",
+    heads = train_feature_heads(
+        features,
+        neighbors,
+        k,
+        train_idx,
+        num_heads=config.num_heads,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        entropy_weight=config.entropy_weight,
+        seed=config.seed + k,
     )
-    criteria: dict[str, list[float]] = {name: [] for name in names}
-    predictions: dict[int, np.ndarray] = {}
-    for k in ks:
-        heads = train_feature_heads(
-            features,
-            neighbors,
-            k,
-            train_idx,
-            num_heads=config.num_heads,
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            lr=config.lr,
-            entropy_weight=config.entropy_weight,
-            seed=config.seed + k,
-        )
-        probs = torch.as_tensor(heads.probabilities(features))  # (H, N, k)
-        p_val = probs[:, val_idx]
-        consistency = heldout_consistency(p_val, probs, torch.as_tensor(val_nbr))
-        scan_loss = consistency - entropy(p_val.mean(dim=1), dim=-1)
-        best = int(scan_loss.argmin())
-        argmax = probs.argmax(dim=2).numpy()
-        agree = (argmax[:, val_idx, None] == argmax[:, val_nbr]).mean(axis=(1, 2))
-        criteria["scan_loss"].append(float(scan_loss[best]))
-        criteria["consistency"].append(float(consistency[best]))
-        criteria["neighbour_agreement"].append(float(agree[best]))
-        criteria["assignment_entropy"].append(
-            float(entropy(p_val[best], dim=-1).mean()) / math.log(k)
-        )
-        mean_ari, se_ari = _pairwise_ari(argmax[:, val_idx])
-        criteria["stability"].append(mean_ari)
-        criteria["stability_se"].append(se_ari)
-        predictions[k] = argmax[best]
-        logger.info(
-            "k=%d: %s",
-            k,
-            " ".join(f"{name}={values[-1]:.4f}" for name, values in criteria.items()),
-        )
+    probs = torch.as_tensor(heads.probabilities(features))  # (H, N, k)
+    p_val = probs[:, val_idx]
+    consistency = heldout_consistency(p_val, probs, torch.as_tensor(val_nbr))
+    scan_loss = consistency - entropy(p_val.mean(dim=1), dim=-1)
+    best = int(scan_loss.argmin())
+    argmax = probs.argmax(dim=2).numpy()
+    agree = (argmax[:, val_idx, None] == argmax[:, val_nbr]).mean(axis=(1, 2))
+    mean_ari, se_ari = _pairwise_ari(argmax[:, val_idx])
+    criteria = {
+        "scan_loss": float(scan_loss[best]),
+        "consistency": float(consistency[best]),
+        "neighbour_agreement": float(agree[best]),
+        "assignment_entropy": float(entropy(p_val[best], dim=-1).mean()) / math.log(k),
+        "stability": mean_ari,
+        "stability_se": se_ari,
+    }
+    logger.info("k=%d: %s", k, " ".join(f"{name}={v:.4f}" for name, v in criteria.items()))
+    return criteria, argmax[best]
+
+
+def score_cluster_counts(
+    features: np.ndarray,
+    neighbors: np.ndarray,
+    config: ClusterCountConfig,
+    scorer: CountScorer | None = None,
+) -> tuple[list[int], dict[str, list[float]], dict[int, np.ndarray]]:
+    """Every criterion of the module docstring for every k in ``config.k_min .. config.k_max``.
+
+    Args:
+        scorer: Scores a list of ks (e.g. in parallel, each k by :func:`score_cluster_count`);
+            default: one k after the other, here.
+
+    Returns:
+        ``(ks, criteria, predictions)``: criteria map a name to one value per k;
+        ``predictions`` holds the best head's argmax ids on all samples for every k.
+    """
+    features = check_count_inputs(features, neighbors, config)
+    n = features.shape[0]
+    ks = list(range(config.k_min, config.k_max + 1))
+    if scorer is None:
+        scored = [score_cluster_count(features, neighbors, k, config) for k in ks]
+    else:
+        scored = scorer(ks)
+    criteria: dict[str, list[float]] = {name: [s[name] for s, _ in scored] for name in CRITERIA}
+    predictions = {k: prediction for k, (_, prediction) in zip(ks, scored, strict=True)}
     eigenvalues = knn_laplacian_eigenvalues(neighbors, min(config.k_max + 1, n - 2))
     criteria["eigengap"] = [float(eigenvalues[k] - eigenvalues[k - 1]) for k in ks]
     return ks, criteria, predictions
@@ -294,7 +331,10 @@ def pick_num_clusters(
 
 
 def choose_num_clusters(
-    features: np.ndarray, neighbors: np.ndarray, config: ClusterCountConfig
+    features: np.ndarray,
+    neighbors: np.ndarray,
+    config: ClusterCountConfig,
+    scorer: CountScorer | None = None,
 ) -> ClusterCountResult:
     """Score k in ``config.k_min .. config.k_max`` and pick one by ``config.criterion``.
 
@@ -302,8 +342,9 @@ def choose_num_clusters(
         features: ``(N, D)`` pretext embeddings (L2-normalised).
         neighbors: ``(N, K)`` mined neighbour indices.
         config: Range, criterion and head-training settings.
+        scorer: How the ks are scored (:func:`score_cluster_counts`); default: in order, here.
     """
-    ks, criteria, predictions = score_cluster_counts(features, neighbors, config)
+    ks, criteria, predictions = score_cluster_counts(features, neighbors, config, scorer)
     chosen, explanation = pick_num_clusters(ks, criteria, config)
     logger.info("choose_num_clusters: %s", explanation)
     return ClusterCountResult(

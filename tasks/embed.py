@@ -2,29 +2,37 @@
 head's output for SimCLR and Super-AND (the 128-d space their losses shape), the backbone
 features for RotNet (whose head predicts rotations).
 
-Embeddings are also kept in a store per backbone (``embedding-store/<pretext key>/``) keyed by
-image content hash, so when the lake grows and the backbone is reused only new images are embedded.
-Tables read back (the stage's, the store's shards) must be embeddings tables
-(:func:`read_embeddings_table`).
+Embeddings are also kept in a store per backbone (``embedding-store/<pretext key>/``) keyed by image
+content hash, so when the lake grows and the backbone is reused only new images are embedded. The
+missing images are embedded in shards (:class:`EmbedShard`: the images of one pixel store file, at
+most ``SCAN_LAKE_SHARD_IMAGES``), fanned out on the run's engine (:mod:`tasks.parallel`): one model
+copy per process, one store file per shard named by its content; the stage reads the store back and
+writes the table. Memory: one shard's pixels at a time, and the ``(N, D)`` vectors. Tables read back
+(the stage's, the store's shards) must be embeddings tables (:func:`read_embeddings_table`).
 """
 
 from __future__ import annotations
 
-import uuid
+import hashlib
+import os
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import task
+from pydantic import BaseModel, ConfigDict
 
 from scan_core.config import ImageConfig
 from scan_core.inference import compute_embeddings
 from scan_core.models import RotNetHead
-from tasks import checkpoints
+from tasks import checkpoints, pixels
 from tasks.catalog import read_catalog
+from tasks.errors import ScanLakeError
 from tasks.lake import unique_ids
-from tasks.pixels import load_pixels
+from tasks.parallel import chunks, fan_out
 from tasks.schemas import embeddings_schema
+from tasks.settings import MachineSettings
 from tasks.stage import STAGE_TASK_OPTIONS, StageOutput, StageRequest, StageRun, run_stage
 from tasks.storage import Storage
 
@@ -75,50 +83,160 @@ def read_embeddings(workspace: Storage, embed: StageOutput) -> tuple[list[str], 
     return table["image_id"].to_pylist(), table_vectors(table)
 
 
-def _stored(workspace: Storage, pretext_key: str) -> dict[str, np.ndarray]:
+class EmbedShard(BaseModel):
+    """One embedding shard: images ``ids`` of the pixel store shard ``pixels``; its output file
+    is named by the backbone and the shard's content, so a retried shard writes it again."""
+
+    model_config = ConfigDict(frozen=True)
+
+    pixels: str
+    ids: list[str]
+
+    def output(self, pretext_key: str) -> str:
+        digest = hashlib.sha256("\n".join([self.pixels, *self.ids]).encode()).hexdigest()
+        return f"{STORE_DIR}/{pretext_key}/shard-{digest[:32]}.parquet"
+
+
+def _store_shards(workspace: Storage, pretext_key: str) -> list[str]:
     prefix = f"{STORE_DIR}/{pretext_key}"
-    shards = [o.key for o in workspace.list_objects(prefix) if o.key.endswith(".parquet")]
+    return [o.key for o in workspace.list_objects(prefix) if o.key.endswith(".parquet")]
+
+
+def _stored_ids(workspace: Storage, shards: list[str]) -> set[str]:
     if not shards:
-        return {}
-    table = read_embeddings_table(workspace, shards)
-    vectors = table_vectors(table)
-    return dict(zip(table["image_id"].to_pylist(), vectors, strict=True))
+        return set()
+    return set(read_embeddings_table(workspace, shards)["image_id"].to_pylist())
+
+
+def plan_shards(
+    workspace: Storage, image_config_key: str, missing: list[str], size: int
+) -> list[EmbedShard]:
+    """The shards that embed ``missing``: grouped by the pixel store shard that holds them
+    (each shard reads one pixel file), at most ``size`` images each, in a deterministic order.
+
+    Raises:
+        ScanLakeError: an image is in no pixel store shard.
+    """
+    wanted = set(missing)
+    plan: list[EmbedShard] = []
+    for path, ids in sorted(pixels.shard_ids(workspace, image_config_key).items()):
+        mine = sorted(wanted.intersection(ids))
+        wanted.difference_update(mine)
+        plan += [EmbedShard(pixels=path, ids=part) for part in chunks(mine, size)]
+    if wanted:
+        raise ScanLakeError(
+            f"{len(wanted)} images (e.g. {next(iter(wanted))[:12]}) are missing from the pixel "
+            f"store {pixels.store_dir(image_config_key)}: delete that folder and rerun the "
+            "pipeline."
+        )
+    return plan
+
+
+_models: dict[tuple[str, str], Any] = {}
+
+
+def _pretext_model(workspace: Storage, rel_dir: str) -> Any:
+    """The pretext model of ``rel_dir``, loaded once per process (one copy per worker)."""
+    key = (workspace.url, rel_dir)
+    if key not in _models:
+        _models.clear()
+        _models[key] = checkpoints.load_pretext_model(workspace, rel_dir)
+    return _models[key]
+
+
+def embed_shard_fn(
+    shard: EmbedShard,
+    workspace: str,
+    pretext_key: str,
+    pretext_dir: str,
+    image_config: dict[str, Any],
+    image_config_key: str,
+    device: str,
+    batch_size: int,
+) -> dict[str, Any]:
+    """Embed one shard and write its store file (:meth:`EmbedShard.output`)."""
+    store = Storage(workspace)
+    config = ImageConfig.model_validate(image_config)
+    images = pixels.load_pixels(store, image_config_key, shard.ids, config, [shard.pixels])
+    model = _pretext_model(store, pretext_dir)
+    vectors = compute_embeddings(
+        model,
+        images,
+        batch_size=batch_size,
+        device=device,
+        use_head=not isinstance(model.head, RotNetHead),
+    )
+    rel = shard.output(pretext_key)
+    store.write_table(rel, embeddings_table(shard.ids, vectors), pretext_key)
+    return {"pid": os.getpid(), "file": rel, "images": len(shard.ids)}
+
+
+@task(name="embed-shard", **STAGE_TASK_OPTIONS)
+def embed_shard(
+    shard: EmbedShard,
+    workspace: str,
+    pretext_key: str,
+    pretext_dir: str,
+    image_config: dict[str, Any],
+    image_config_key: str,
+    device: str,
+    batch_size: int,
+) -> dict[str, Any]:
+    """One embedding shard, on whichever worker the engine picks (:mod:`tasks.parallel`)."""
+    return embed_shard_fn(
+        shard,
+        workspace,
+        pretext_key,
+        pretext_dir,
+        image_config,
+        image_config_key,
+        device,
+        batch_size,
+    )
 
 
 def embed_fn(request: StageRequest, pretext: StageOutput, catalog: StageOutput) -> StageOutput:
-    """Embed the catalog's unique images with the pretext model, reusing stored embeddings."""
+    """Embed the catalog's unique images with the pretext model, reusing stored embeddings:
+    the missing ones in shards fanned out on the run's engine (:func:`tasks.parallel.fan_out`),
+    then one table in the catalog's order."""
 
     def body(run: StageRun) -> dict[str, Any]:
         ids = unique_ids(read_catalog(run.workspace, catalog))
-        stored = _stored(run.workspace, pretext.key)
+        stored = _stored_ids(run.workspace, _store_shards(run.workspace, pretext.key))
         missing = [i for i in ids if i not in stored]
-        if missing:
-            image_config = ImageConfig.model_validate(catalog.summary["image_config"])
-            images = load_pixels(
-                run.workspace, catalog.summary["image_config_key"], missing, image_config
+        config_key = catalog.summary["image_config_key"]
+        size = MachineSettings().shard_images
+        plan = plan_shards(run.workspace, config_key, missing, size) if missing else []
+        fan_out(
+            embed_shard,
+            plan,
+            stage="embed",
+            note="shards",
+            gpu=True,
+            workspace=run.workspace.url,
+            pretext_key=pretext.key,
+            pretext_dir=pretext.rel_dir,
+            image_config=catalog.summary["image_config"],
+            image_config_key=config_key,
+            device=str(request.config.get("device", "auto")),
+            batch_size=int(request.config.get("batch_size", 1024)),
+        )
+        table = read_embeddings_table(run.workspace, _store_shards(run.workspace, pretext.key))
+        rows = pc.index_in(pa.array(ids, pa.string()), value_set=table["image_id"])
+        if rows.null_count:
+            raise ScanLakeError(
+                f"{rows.null_count} images have no stored embedding after embedding them: "
+                f"delete {run.workspace.uri(f'{STORE_DIR}/{pretext.key}')} and rerun."
             )
-            model = checkpoints.load_pretext_model(run.workspace, pretext.rel_dir)
-            vectors = compute_embeddings(
-                model,
-                images,
-                batch_size=int(request.config.get("batch_size", 1024)),
-                device=str(request.config.get("device", "auto")),
-                use_head=not isinstance(model.head, RotNetHead),
-                progress=run.on_batch,
-            )
-            run.workspace.write_table(
-                f"{STORE_DIR}/{pretext.key}/part-{uuid.uuid4().hex}.parquet",
-                embeddings_table(missing, vectors),
-                pretext.key,
-            )
-            stored.update(zip(missing, vectors, strict=True))
-        matrix = np.stack([stored[i] for i in ids])
+        matrix = table_vectors(table.take(rows))
+        del table
         run.write_table(EMBEDDINGS_FILE, embeddings_table(ids, matrix))
         counts = {
             "images": len(ids),
             "embedded": len(missing),
             "reused": len(ids) - len(missing),
             "dim": int(matrix.shape[1]),
+            "shards": len(plan),
         }
         run.log_metrics({f"embed/{k}": float(v) for k, v in counts.items()})
         return counts

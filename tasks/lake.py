@@ -1,13 +1,15 @@
 """The lake scan that runs on every flow run: list, hash, inspect, decode (docs/architecture.md,
 'The stage contract').
 
-Objects whose (key, size, version) are unchanged since the previous scan keep their image_id
-without being read again, unless their pixels are missing from the pixel store; the rest are read
-in concurrent batches, hashed, inspected and decoded. Every listed object ends up either usable or
-quarantined with a one-sentence reason: the one :class:`scan_core.images.ImageDecodeError` gives,
-or, without reading it, a key that could name a path outside the lake (``..`` segments) or a size
-above ``SCAN_LAKE_MAX_OBJECT_BYTES``, or a read the credentials may not do. Objects deleted
-between listing and reading are no longer part of the lake. The lake is only ever read.
+Objects whose (key, size, version) are unchanged since the previous scan keep their image_id without
+being read again, unless their pixels are missing from the pixel store; the rest are read in
+concurrent batches, hashed, inspected and decoded, in shards of ``SCAN_LAKE_SHARD_IMAGES`` objects
+fanned out on the run's engine (:mod:`tasks.parallel`), each shard appending one pixel store file
+named by its content. Every listed object ends up either usable or quarantined with a one-sentence
+reason: the one :class:`scan_core.images.ImageDecodeError` gives, or, without reading it, a key that
+could name a path outside the lake (``..`` segments) or a size above ``SCAN_LAKE_MAX_OBJECT_BYTES``,
+or a read the credentials may not do. Objects deleted between listing and reading are no longer part
+of the lake. The lake is only ever read.
 
 The scan writes a snapshot (the catalog stage's input) named by the catalog key, so an unchanged
 lake gives the same key and every stage after it is a cache hit. What it reads back from the
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from typing import Any
 
@@ -33,15 +36,15 @@ from pydantic import BaseModel, ConfigDict
 from scan_core.config import ImageConfig
 from scan_core.data import LABELS_SIDECAR
 from scan_core.images import ImageDecodeError, decode_image, image_id, inspect_image
-from tasks import keys, pixels, progress
+from tasks import keys, pixels
 from tasks.errors import ScanLakeError, WorkspaceFileError
+from tasks.parallel import chunks, fan_out
 from tasks.schemas import LAKE_INDEX, LISTING
 from tasks.settings import MachineSettings
 from tasks.storage import ObjectInfo, Storage, unsafe_key
 
 logger = logging.getLogger(__name__)
 
-SHARD_IMAGES = 4096
 #: An image_id: the SHA-256 hex of an object's bytes (:func:`scan_core.images.image_id`).
 IMAGE_ID = re.compile(r"[0-9a-f]{64}")
 DENIED = "reading the object was denied: grant the pipeline's credentials read access to it"
@@ -210,36 +213,22 @@ def scan_lake_fn(lake_url: str, workspace_url: str, image_config: dict[str, Any]
             to_read.append(obj.key)
 
     sizes = {o.key: o for o in objects}
-    new_ids: list[str] = []
-    new_pixels: list[bytes] = []
+    shards = chunks([sizes[k] for k in to_read], settings.shard_images)
+    results = fan_out(
+        decode_shard,
+        shards,
+        stage="catalog",
+        note="objects read",
+        size_of=len,
+        lake_url=lake.url,
+        workspace_url=workspace.url,
+        image_config=config.model_dump(mode="json"),
+        known=have_pixels,
+    )
     decoded = 0
-    reads = lake.read_many(to_read, settings.read_batch, errors="return")
-    for done, (key, data) in enumerate(reads, start=1):
-        if isinstance(data, FileNotFoundError):
-            continue  # deleted since it was listed: no longer part of the lake
-        if isinstance(data, OSError):
-            rows[key] = {**_blank_row(sizes[key]), "reason": DENIED}
-            continue
-        row = {**_blank_row(sizes[key]), "size": len(data), "image_id": image_id(data)}
-        try:
-            info = inspect_image(data, config.max_pixels)
-            row.update(format=info.format, mode=info.mode, width=info.width, height=info.height)
-            if row["image_id"] not in have_pixels:
-                tensor = decode_image(data, config)
-                new_ids.append(row["image_id"])
-                new_pixels.append(tensor.numpy().tobytes())
-                have_pixels.add(row["image_id"])
-                decoded += 1
-        except ImageDecodeError as exc:
-            row["reason"] = exc.reason
-        rows[key] = row
-        if len(new_ids) >= SHARD_IMAGES:
-            pixels.write_shard(workspace, config_key, new_ids, new_pixels)
-            new_ids, new_pixels = [], []
-        if done % 256 == 0 or done == len(to_read):
-            progress.report("catalog", done, len(to_read), "objects read")
-    if new_ids:
-        pixels.write_shard(workspace, config_key, new_ids, new_pixels)
+    for result in results:
+        rows.update({row["key"]: row for row in result["rows"]})
+        decoded += result["decoded"]
 
     ordered = [rows[o.key] for o in objects if o.key in rows]
     index = pa.Table.from_pylist(ordered, schema=LAKE_INDEX)
@@ -282,6 +271,61 @@ def scan_lake_fn(lake_url: str, workspace_url: str, image_config: dict[str, Any]
     )
     logger.info("lake %s: %s", lake.url, snapshot.summary())
     return snapshot
+
+
+def decode_shard_fn(
+    shard: list[ObjectInfo],
+    lake_url: str,
+    workspace_url: str,
+    image_config: dict[str, Any],
+    known: set[str],
+) -> dict[str, Any]:
+    """Read, hash, inspect and decode one shard of the lake's objects; append the decoded
+    images not in ``known`` to the pixel store as one file named by its content (a retried
+    shard writes it again). Returns the shard's index rows (objects deleted since they were
+    listed have none) and how many images it decoded."""
+    settings = MachineSettings()
+    config = ImageConfig.model_validate(image_config)
+    config_key = keys.image_config_key(config.fingerprint())
+    lake, workspace = Storage(lake_url, settings), Storage(workspace_url, settings)
+    infos = {o.key: o for o in shard}
+    rows: list[dict[str, Any]] = []
+    new_ids: list[str] = []
+    new_pixels: list[bytes] = []
+    seen: set[str] = set()
+    for key, data in lake.read_many(list(infos), settings.read_batch, errors="return"):
+        if isinstance(data, FileNotFoundError):
+            continue  # deleted since it was listed: no longer part of the lake
+        if isinstance(data, OSError):
+            rows.append({**_blank_row(infos[key]), "reason": DENIED})
+            continue
+        row = {**_blank_row(infos[key]), "size": len(data), "image_id": image_id(data)}
+        try:
+            info = inspect_image(data, config.max_pixels)
+            row.update(format=info.format, mode=info.mode, width=info.width, height=info.height)
+            if row["image_id"] not in known and row["image_id"] not in seen:
+                new_pixels.append(decode_image(data, config).numpy().tobytes())
+                new_ids.append(row["image_id"])
+                seen.add(row["image_id"])
+        except ImageDecodeError as exc:
+            row["reason"] = exc.reason
+        rows.append(row)
+    if new_ids:
+        name = hashlib.sha256("\n".join([config_key, *new_ids]).encode()).hexdigest()[:32]
+        pixels.write_shard(workspace, config_key, new_ids, new_pixels, name=name)
+    return {"pid": os.getpid(), "rows": rows, "decoded": len(new_ids)}
+
+
+@task(name="decode-shard", persist_result=False, cache_policy=NO_CACHE)
+def decode_shard(
+    shard: list[ObjectInfo],
+    lake_url: str,
+    workspace_url: str,
+    image_config: dict[str, Any],
+    known: set[str],
+) -> dict[str, Any]:
+    """One shard of the lake scan, on whichever worker the engine picks (:mod:`tasks.parallel`)."""
+    return decode_shard_fn(shard, lake_url, workspace_url, image_config, known)
 
 
 @task(

@@ -49,19 +49,44 @@ def stored_ids(workspace: Storage, image_config_key: str) -> set[str]:
 
 
 def write_shard(
-    workspace: Storage, image_config_key: str, ids: list[str], pixels: list[bytes]
+    workspace: Storage,
+    image_config_key: str,
+    ids: list[str],
+    pixels: list[bytes],
+    name: str | None = None,
 ) -> str:
-    """Append one shard; return its path."""
+    """Append one shard (named ``part-<name>.parquet``, a random name without ``name``; a
+    shard named by its content is written again, with the same content, when its work is
+    retried); return its path."""
     table = pa.table({"image_id": ids, "pixels": pixels}, schema=PIXELS)
-    rel = f"{store_dir(image_config_key)}/part-{uuid.uuid4().hex}.parquet"
+    rel = f"{store_dir(image_config_key)}/part-{name or uuid.uuid4().hex}.parquet"
     workspace.write_table(rel, table, image_config_key)
     return rel
 
 
+def shard_ids(workspace: Storage, image_config_key: str) -> dict[str, list[str]]:
+    """The image_ids of every shard of the store, by shard path.
+
+    Raises:
+        WorkspaceFileError: a shard is not a pixel store shard.
+    """
+    return {
+        shard: workspace.read_table(shard, columns=["image_id"], schema=PIXELS)[
+            "image_id"
+        ].to_pylist()
+        for shard in shard_paths(workspace, image_config_key)
+    }
+
+
 def load_pixels(
-    workspace: Storage, image_config_key: str, ids: list[str], config: ImageConfig
+    workspace: Storage,
+    image_config_key: str,
+    ids: list[str],
+    config: ImageConfig,
+    shards: list[str] | None = None,
 ) -> torch.Tensor:
-    """uint8 tensor ``(len(ids), channels, size, size)`` of the images ``ids``, in that order.
+    """uint8 tensor ``(len(ids), channels, size, size)`` of the images ``ids``, in that order,
+    read from ``shards`` (default: every shard of the store).
 
     Raises:
         ScanLakeError: when an image is missing from the store (the workspace was edited by hand).
@@ -69,7 +94,8 @@ def load_pixels(
     """
     shape = (config.channels, config.size, config.size)
     per_image = int(np.prod(shape))
-    shards = shard_paths(workspace, image_config_key)
+    if shards is None:
+        shards = shard_paths(workspace, image_config_key)
     out = np.empty((len(ids), *shape), dtype=np.uint8)
     if not ids:
         return torch.from_numpy(out)
@@ -103,6 +129,8 @@ def load_pixels(
                 start = offsets[i]
                 flat[rows] = data[start : start + per_image]
                 found.add(image_id)
+        if len(found) == len(wanted):
+            break
     if len(found) != len(wanted):
         missing = next(i for i in wanted if i not in found)
         raise ScanLakeError(

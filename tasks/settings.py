@@ -35,6 +35,8 @@ class MachineSettings(BaseSettings):
         serving_uri_roots: Comma-separated folders or ``s3://`` prefixes besides the run's lake
             that the served model may read ``uri`` inputs from (:mod:`tasks.serving`).
         read_batch: Objects read concurrently per batch while cataloguing.
+        shard_images: Objects per shard of the lake scan and images per embedding shard, the
+            units of parallel work (:mod:`tasks.parallel`; ``SCAN_LAKE_SHARD_IMAGES``).
         max_object_bytes: Lake objects larger than this are quarantined without being read.
         io_attempts: Tries of one object-store call that fails with a transient fault
             (``SCAN_LAKE_IO_ATTEMPTS``).
@@ -83,6 +85,7 @@ class MachineSettings(BaseSettings):
     registered_model: str = "scan-lake"
     serving_uri_roots: str = ""
     read_batch: int = Field(512, ge=1)
+    shard_images: int = Field(4096, ge=1)
     max_object_bytes: int = Field(512 * 2**20, ge=1)
     io_attempts: int = Field(4, ge=1)
     io_backoff_seconds: float = Field(2.0, ge=0)

@@ -268,7 +268,7 @@ KINDS: tuple[Kind, ...] = (
     ),
     Kind(
         "embedding store shard",
-        rf"embedding-store/{_KEY}/part-[0-9a-f]{{32}}\.parquet",
+        rf"embedding-store/{_KEY}/(part|shard)-[0-9a-f]{{32}}\.parquet",
         "refused",
         _read_embedding_store,
         _TABLE,
