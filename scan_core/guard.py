@@ -122,6 +122,9 @@ def score_partition(
     )
 
 
+PIXEL_CHUNK = 65_536
+
+
 def pixel_neighbors(
     pixels: np.ndarray,
     k: int,
@@ -143,15 +146,25 @@ def pixel_neighbors(
     from scan_core.neighbors import mine_neighbors
 
     n = pixels.shape[0]
-    x = np.asarray(pixels, dtype=np.float32).reshape(n, -1)
-    x = x - x.mean(axis=1, keepdims=True)
-    x /= np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-6)
+    flat = np.asarray(pixels).reshape(n, -1)
+
+    def normalised(rows: slice | np.ndarray) -> np.ndarray:
+        x = flat[rows].astype(np.float32)
+        x -= x.mean(axis=1, keepdims=True)
+        x /= np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-6)
+        return x
+
     rng = np.random.default_rng(seed)
-    rows = rng.choice(n, size=min(n, sample), replace=False)
-    mean = x[rows].mean(axis=0)
-    _, _, vt = np.linalg.svd(x[rows] - mean, full_matrices=False)
-    projected = (x - mean) @ vt[: min(components, vt.shape[0])].T
-    return mine_neighbors(projected.astype(np.float32), k, seed=seed).I
+    sampled = normalised(rng.choice(n, size=min(n, sample), replace=False))
+    mean = sampled.mean(axis=0)
+    _, _, vt = np.linalg.svd(sampled - mean, full_matrices=False)
+    axes = vt[: min(components, vt.shape[0])].T
+    # projected a chunk at a time: float copies of one chunk, never of every image's pixels
+    projected = np.empty((n, axes.shape[1]), dtype=np.float32)
+    for start in range(0, n, PIXEL_CHUNK):
+        chunk = slice(start, min(start + PIXEL_CHUNK, n))
+        projected[chunk] = (normalised(chunk) - mean) @ axes
+    return mine_neighbors(projected, k, seed=seed).I
 
 
 @dataclass(frozen=True)

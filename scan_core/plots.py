@@ -215,6 +215,7 @@ def plot_prototype_grid(
     probabilities: np.ndarray,
     per_cluster: int = 8,
     cluster_ids: list[int] | np.ndarray | None = None,
+    sizes: np.ndarray | None = None,
 ) -> bytes:
     """Grid of the most confident images of each cluster, one row per cluster.
 
@@ -228,6 +229,8 @@ def plot_prototype_grid(
         probabilities: Cluster probabilities ``(N, num_clusters)``.
         per_cluster: Prototypes per row (see :func:`select_prototypes`).
         cluster_ids: Which clusters to show, in this order.
+        sizes: The clusters' sizes, when ``images`` are a subset of the clustered images that
+            holds every cluster's prototypes (default: counted from ``probabilities``).
     """
     imgs = _as_images(images)
     probs = _finite_array(probabilities, "probabilities", 2)
@@ -236,7 +239,10 @@ def plot_prototype_grid(
             f"got {imgs.shape[0]} images but probabilities for {probs.shape[0]} samples"
         )
     num_clusters = probs.shape[1]
-    sizes = np.bincount(probs.argmax(axis=1), minlength=num_clusters)
+    if sizes is None:
+        sizes = np.bincount(probs.argmax(axis=1), minlength=num_clusters)
+    elif np.shape(sizes) != (num_clusters,):
+        raise ValueError(f"sizes must have one count per cluster ({num_clusters})")
     if cluster_ids is None:
         ids = largest_clusters(sizes, MAX_PROTOTYPE_ROWS)
         if ids.size < num_clusters:

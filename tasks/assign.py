@@ -23,9 +23,10 @@ from scan_core.config import ImageConfig
 from scan_core.inference import predict_probabilities
 from tasks import checkpoints, serving, tracking
 from tasks.catalog import read_catalog
+from tasks.errors import ScanLakeError
 from tasks.lake import unique_ids
 from tasks.lineage import ClusterMatch, churn, cluster_growth, first_ids, match_clusters
-from tasks.pixels import load_pixels, png_bytes
+from tasks.pixels import load_pixels, png_bytes, stream_pixels
 from tasks.schemas import ASSIGNMENTS, CLUSTER_LINEAGE
 from tasks.stage import STAGE_TASK_OPTIONS, StageOutput, StageRequest, StageRun, run_stage
 from tasks.storage import Storage
@@ -83,6 +84,33 @@ def relabel(
     return match_clusters(old, head[rows], num_clusters, previous_ids, next_id)
 
 
+def stream_probabilities(
+    run: StageRun,
+    network: Any,
+    ids: list[str],
+    catalog: StageOutput,
+    batch_size: int,
+    device: str,
+) -> np.ndarray:
+    """Cluster probabilities ``(len(ids), k)`` of ``network``'s first head, reading the pixel
+    store one shard at a time (:func:`tasks.pixels.stream_pixels`)."""
+    image_config = ImageConfig.model_validate(catalog.summary["image_config"])
+    out: np.ndarray | None = None
+    done = 0
+    for rows, images in stream_pixels(
+        run.workspace, catalog.summary["image_config_key"], ids, image_config
+    ):
+        part = predict_probabilities(network, images, batch_size=batch_size, device=device)
+        if out is None:
+            out = np.zeros((len(ids), part.shape[1]), dtype=np.float32)
+        out[rows] = part
+        done += len(rows)
+        run.on_batch(done, len(ids))
+    if out is None:
+        raise ScanLakeError("The catalog holds no images to assign: rerun the pipeline.")
+    return out
+
+
 def assign_fn(
     request: StageRequest,
     model: StageOutput,
@@ -102,16 +130,17 @@ def assign_fn(
 
     def body(run: StageRun) -> dict[str, Any]:
         image_config = ImageConfig.model_validate(catalog.summary["image_config"])
+        config_key = catalog.summary["image_config_key"]
         table = read_catalog(run.workspace, catalog)
         ids = unique_ids(table)
-        images = load_pixels(run.workspace, catalog.summary["image_config_key"], ids, image_config)
         network = checkpoints.load_clustering_model(run.workspace, model.rel_dir)
-        probabilities = predict_probabilities(
+        probabilities = stream_probabilities(
+            run,
             network,
-            images,
-            batch_size=int(request.config.get("batch_size", 1024)),
-            device=str(request.config.get("device", "auto")),
-            progress=run.on_batch,
+            ids,
+            catalog,
+            int(request.config.get("batch_size", 1024)),
+            str(request.config.get("device", "auto")),
         )
         num_clusters = probabilities.shape[1]
         before = image_clusters(run.workspace, previous) if previous is not None else None
@@ -181,7 +210,7 @@ def assign_fn(
                 network,
                 description,
                 served,
-                png_bytes(images[0]),
+                png_bytes(load_pixels(run.workspace, config_key, ids[:1], image_config)[0]),
                 name,
             )
             own[run.run_id] = summary["model_version"]

@@ -19,6 +19,7 @@ from scan_core.plots import (
     plot_confusion_matrix,
     plot_embedding_map,
     plot_prototype_grid,
+    select_prototypes,
 )
 from tasks.assign import cluster_ids_of, read_assignments
 from tasks.catalog import read_catalog
@@ -58,9 +59,14 @@ def evaluate_fn(
             [column[c] for c in assignments["cluster"].to_pylist()], dtype=np.int64
         )
         confidence = assignments["confidence"].to_numpy()
-        probabilities = np.asarray(
-            assignments["probabilities"].to_pylist(), dtype=np.float32
-        ).reshape(len(assignments), num_clusters)
+        probabilities = (
+            assignments["probabilities"]
+            .combine_chunks()
+            .flatten()
+            .to_numpy(zero_copy_only=False)
+            .astype(np.float32, copy=False)
+            .reshape(len(assignments), num_clusters)
+        )
         labels = np.array(
             [-1 if v is None else v for v in table["label"].to_pylist()], dtype=np.int64
         )
@@ -79,10 +85,20 @@ def evaluate_fn(
         unique_probs = probabilities[unique_rows]
         unique_labels = first_labels(table, ids)
         image_config = ImageConfig.model_validate(catalog.summary["image_config"])
-        images = load_pixels(run.workspace, catalog.summary["image_config_key"], ids, image_config)
-        run.write_bytes(
-            "prototypes.png", plot_prototype_grid(images.numpy(), unique_probs), log=True
+        # only the prototypes' pixels are read: memory does not grow with the lake's pixels
+        shown = np.unique(np.concatenate(list(select_prototypes(unique_probs, 8).values())))
+        images = load_pixels(
+            run.workspace,
+            catalog.summary["image_config_key"],
+            [ids[r] for r in shown],
+            image_config,
         )
+        grid = plot_prototype_grid(
+            images.numpy(),
+            unique_probs[shown],
+            sizes=np.bincount(unique_probs.argmax(axis=1), minlength=num_clusters),
+        )
+        run.write_bytes("prototypes.png", grid, log=True)
         run.write_bytes("cluster_sizes.png", plot_cluster_sizes(sizes), log=True)
         run.write_bytes("confidence.png", plot_confidence_histogram(confidence), log=True)
         embed_ids, vectors = read_embeddings(run.workspace, embed)

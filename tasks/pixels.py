@@ -10,6 +10,7 @@ a :class:`~tasks.errors.WorkspaceFileError` naming it and the store folder to de
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -138,6 +139,38 @@ def load_pixels(
             f"store {store_dir(image_config_key)}: delete that folder and rerun the pipeline."
         )
     return torch.from_numpy(out)
+
+
+def stream_pixels(
+    workspace: Storage, image_config_key: str, ids: list[str], config: ImageConfig
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """The images ``ids`` one store shard at a time: ``(rows, images)`` with ``rows`` their
+    positions in ``ids`` and ``images`` uint8 ``(len(rows), channels, size, size)``; memory
+    holds one shard's pixels, never the whole lake's.
+
+    Raises:
+        ScanLakeError: an image is missing from the store (after the last shard).
+        WorkspaceFileError: a shard is not a pixel store shard.
+    """
+    position: dict[str, int] = {}
+    for row, image_id in enumerate(ids):
+        position.setdefault(image_id, row)
+    remaining = set(position)
+    for shard, shard_image_ids in shard_ids(workspace, image_config_key).items():
+        mine = [i for i in dict.fromkeys(shard_image_ids) if i in remaining]
+        if not mine:
+            continue
+        remaining.difference_update(mine)
+        rows = np.array([position[i] for i in mine], dtype=np.int64)
+        yield rows, load_pixels(workspace, image_config_key, mine, config, [shard])
+        if not remaining:
+            break
+    if remaining:
+        missing = next(iter(remaining))
+        raise ScanLakeError(
+            f"{len(remaining)} images (e.g. {missing[:12]}) are missing from the pixel "
+            f"store {store_dir(image_config_key)}: delete that folder and rerun the pipeline."
+        )
 
 
 def png_bytes(pixels: torch.Tensor) -> bytes:
