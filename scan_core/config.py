@@ -91,12 +91,15 @@ class PretextConfig(StageConfig):
 
 
 class NeighborsConfig(StageConfig):
-    """kNN mining on the pretext features (SCAN step 2)."""
+    """kNN mining on the pretext features (SCAN step 2): exact below ``exact_below`` images,
+    else approximate (IVF) with as many probed lists as it takes to reach ``min_recall``
+    (recall@k against exact search on ``recall_sample`` images)."""
 
     k: int = Field(20, ge=1)
     index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
     exact_below: int = Field(200_000, ge=1)
     recall_sample: int = Field(1000, ge=1)
+    min_recall: float = Field(0.95, gt=0, le=1)
 
 
 class ScanConfig(StageConfig):

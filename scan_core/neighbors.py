@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import faiss
 import numpy as np
@@ -34,6 +34,7 @@ class NeighborResult:
     index_kind: IndexKind
     recall: float
     seconds: float
+    nprobe: int = 0
 
 
 def gpu_available() -> bool:
@@ -115,13 +116,15 @@ def mine_neighbors(
     index: Literal["auto", "flat", "ivf", "hnsw"] = "auto",
     exact_below: int = 200_000,
     recall_sample: int = 1000,
+    min_recall: float = 0.95,
     seed: int = 0,
 ) -> NeighborResult:
     """The ``k`` nearest neighbours of every row of ``features`` by cosine similarity.
 
     Searches ``k + 1`` and drops the image itself. ``index="auto"`` is exact below
     ``exact_below`` images and IVF above it; an approximate index reports its recall@k against
-    exact search on ``recall_sample`` random queries.
+    exact search on ``recall_sample`` random queries, and an IVF index probes twice as many
+    lists until that recall reaches ``min_recall`` (before the full search).
     """
     features = np.ascontiguousarray(features, dtype=np.float32)
     if features.ndim != 2:
@@ -132,22 +135,61 @@ def mine_neighbors(
     kind: IndexKind = ("flat" if n < exact_below else "ivf") if index == "auto" else index
     start = time.perf_counter()
     idx = build_index(features, kind, seed=seed)
-    D, I = search(idx, features, k + 1)  # noqa: E741
-    D, I = drop_self(D, I, np.arange(n), k)  # noqa: E741
-    seconds = time.perf_counter() - start
-    recall = 1.0
+    recall, nprobe = 1.0, 0
     if kind != "flat":
         rng = np.random.default_rng(seed)
         sample = rng.choice(n, size=min(n, recall_sample), replace=False)
-        exact = faiss.IndexFlatIP(features.shape[1])
-        exact.add(features)
-        De, Ie = exact.search(features[sample], k + 1)
-        _, Ie = drop_self(De, Ie, sample, k)
-        recall = knn_recall(I[sample], Ie)
+        # brute force against every image, without copying them into an index
+        De, Ie = faiss.knn(features[sample], features, k + 1, faiss.METRIC_INNER_PRODUCT)
+        _, exact_I = drop_self(De, Ie, sample, k)
+        recall, nprobe = _tune_recall(idx, features[sample], sample, exact_I, k, min_recall)
+    D, I = search(idx, features, k + 1)  # noqa: E741
+    D, I = drop_self(D, I, np.arange(n), k)  # noqa: E741
+    seconds = time.perf_counter() - start
     logger.info(
-        "mined %d-NN of %d images with %s in %.1fs (recall@k %.3f)", k, n, kind, seconds, recall
+        "mined %d-NN of %d images with %s in %.1fs (recall@k %.3f, nprobe %d)",
+        k,
+        n,
+        kind,
+        seconds,
+        recall,
+        nprobe,
     )
-    return NeighborResult(D=D, I=I, index_kind=kind, recall=recall, seconds=seconds)
+    return NeighborResult(D=D, I=I, index_kind=kind, recall=recall, seconds=seconds, nprobe=nprobe)
+
+
+def _ivf(index: faiss.Index) -> Any:
+    """The IVF part of ``index`` whose ``nprobe`` can be set (CPU or GPU), else None."""
+    try:
+        found: Any = faiss.try_extract_index_ivf(index)
+    except (AttributeError, RuntimeError, TypeError):
+        found = None
+    if found is None and hasattr(index, "nprobe") and hasattr(index, "nlist"):
+        found = index  # a GPU IVF index
+    return found
+
+
+def _tune_recall(
+    index: faiss.Index,
+    queries: np.ndarray,
+    query_ids: np.ndarray,
+    exact_I: np.ndarray,
+    k: int,
+    min_recall: float,
+) -> tuple[float, int]:
+    """Double an IVF index's ``nprobe`` until recall@k on the sample queries reaches
+    ``min_recall`` (or every list is probed); return ``(recall, nprobe)``. Other approximate
+    indexes are measured as they are (``nprobe`` 0)."""
+    ivf = _ivf(index)
+    while True:
+        D, I = search(index, queries, k + 1)  # noqa: E741
+        _, I = drop_self(D, I, query_ids, k)  # noqa: E741
+        recall = knn_recall(I, exact_I)
+        if ivf is None or recall >= min_recall or ivf.nprobe >= ivf.nlist:
+            return recall, 0 if ivf is None else int(ivf.nprobe)
+        ivf.nprobe = min(2 * ivf.nprobe, ivf.nlist)
+        if hasattr(index, "nprobe"):
+            index.nprobe = ivf.nprobe
 
 
 def neighbor_purity(I: np.ndarray, labels: np.ndarray) -> float:  # noqa: E741

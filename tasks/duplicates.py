@@ -29,17 +29,12 @@ from scan_core.duplicates import Fingerprints, NearDuplicates, fingerprints, nea
 from tasks.catalog import read_catalog
 from tasks.embed import EMBEDDINGS_FILE, read_embeddings
 from tasks.lake import unique_ids
-from tasks.pixels import load_pixels
+from tasks.pixels import stream_pixels
 from tasks.schemas import DUPLICATES
 from tasks.stage import STAGE_TASK_OPTIONS, StageOutput, StageRequest, StageRun, run_stage
 from tasks.storage import Storage
 
 DUPLICATES_FILE = "duplicates.parquet"
-
-#: Most images loaded from the pixel store and fingerprinted at a time.
-PIXEL_CHUNK = 16384
-#: Pixel bytes loaded at a time at most (1 GiB): large images go fewer at a time.
-PIXEL_CHUNK_BYTES = 1 << 30
 
 
 def first_uris(image_ids: Sequence[str], uris: Sequence[str]) -> dict[str, list[str]]:
@@ -109,10 +104,9 @@ def near_duplicate_pairs(
     return sorted(rows, key=lambda r: (r["image_id"], r["duplicate_id"]))
 
 
-def image_fingerprints(
-    workspace: Storage, catalog: StageOutput, ids: list[str], chunk: int = PIXEL_CHUNK
-) -> Fingerprints:
-    """Fingerprints of the images ``ids`` from the pixel store, ``chunk`` images at a time.
+def image_fingerprints(workspace: Storage, catalog: StageOutput, ids: list[str]) -> Fingerprints:
+    """Fingerprints of the images ``ids`` from the pixel store, one store shard at a time
+    (:func:`tasks.pixels.stream_pixels`), in the order of ``ids``.
 
     Raises:
         ScanLakeError: an image is missing from the pixel store.
@@ -120,17 +114,17 @@ def image_fingerprints(
     """
     image_config = ImageConfig.model_validate(catalog.summary["image_config"])
     key = catalog.summary["image_config_key"]
-    per_image = image_config.channels * image_config.size**2
-    chunk = max(1, min(chunk, PIXEL_CHUNK_BYTES // per_image))
-    parts = [
-        fingerprints(load_pixels(workspace, key, ids[start : start + chunk], image_config))
-        for start in range(0, len(ids), chunk)
-    ]
-    if not parts:
+    hashes: np.ndarray | None = None
+    views: np.ndarray | None = None
+    for rows, images in stream_pixels(workspace, key, ids, image_config):
+        part = fingerprints(images)
+        if hashes is None or views is None:
+            hashes = np.zeros((len(ids), *part.hashes.shape[1:]), dtype=part.hashes.dtype)
+            views = np.zeros((len(ids), *part.views.shape[1:]), dtype=part.views.dtype)
+        hashes[rows], views[rows] = part.hashes, part.views
+    if hashes is None or views is None:
         return fingerprints(np.zeros((0, 1, 8, 8), dtype=np.uint8))
-    return Fingerprints(
-        np.concatenate([p.hashes for p in parts]), np.concatenate([p.views for p in parts])
-    )
+    return Fingerprints(hashes, views)
 
 
 def aligned_embeddings(workspace: Storage, embed: StageOutput, ids: list[str]) -> np.ndarray:

@@ -30,20 +30,21 @@ def read_neighbor_indices(
     """
     rel = f"{neighbors.rel_dir}/{NEIGHBORS_FILE}"
     table = workspace.read_table(rel, schema=NEIGHBORS)
-    ids = table["image_id"].to_pylist()
-    position = {image_id: i for i, image_id in enumerate(ids)}
+    id_array = table["image_id"].combine_chunks()
+    ids = id_array.to_pylist()
     k = int(neighbors.summary["k"])
     lists = table["neighbor_ids"].combine_chunks()
-    flat = lists.flatten().to_pylist()
+    # vectorised (no Python string per neighbour): positions of the neighbours among the ids
+    positions = pc.index_in(lists.flatten(), value_set=id_array)
     if (
-        len(position) != len(ids)
-        or None in position
+        id_array.null_count
+        or len(set(ids)) != len(ids)
         or pc.any(pc.not_equal(pc.list_value_length(lists), k)).as_py()
-        or len(flat) != k * len(ids)
-        or any(i not in position for i in flat)
+        or len(positions) != k * len(ids)
+        or positions.null_count
     ):
         raise workspace.bad_file(rel, f"does not list {k} of its own images for each image")
-    I = np.array([position[i] for i in flat], dtype=np.int64)  # noqa: E741
+    I = positions.to_numpy(zero_copy_only=False).astype(np.int64)  # noqa: E741
     return ids, I.reshape(len(ids), k)
 
 
@@ -59,12 +60,12 @@ def neighbors_fn(request: StageRequest, embed: StageOutput) -> StageOutput:
             index=config.index,
             exact_below=config.exact_below,
             recall_sample=config.recall_sample,
+            min_recall=config.min_recall,
         )
-        id_array = np.array(ids, dtype=object)
         n, k = result.I.shape
         neighbor_ids = pa.ListArray.from_arrays(
             pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)),
-            pa.array(id_array[result.I.reshape(-1)].tolist(), pa.string()),
+            pa.array(ids, pa.string()).take(pa.array(result.I.reshape(-1))),
         )
         similarities = pa.ListArray.from_arrays(
             pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)),
@@ -81,6 +82,7 @@ def neighbors_fn(request: StageRequest, embed: StageOutput) -> StageOutput:
             "recall": result.recall,
             "seconds": result.seconds,
             "mean_similarity": float(result.D.mean()),
+            "nprobe": float(result.nprobe),
         }
         run.log_metrics({f"neighbors/{k_}": v for k_, v in stats.items()})
         return {"k": k, "images": n, "index": result.index_kind, **stats}
