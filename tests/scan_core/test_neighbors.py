@@ -43,6 +43,20 @@ def test_approximate_indexes_report_recall(kind: str) -> None:
     assert 0.8 <= result.recall <= 1.0
 
 
+def test_ivf_probes_more_lists_until_the_recall_target() -> None:
+    # unclustered data is the hard case for IVF: 16 of ~180 lists miss many true neighbours
+    x = unit(8000, 32)
+    low = mine_neighbors(x, 10, index="ivf", recall_sample=300, min_recall=0.05)
+    high = mine_neighbors(x, 10, index="ivf", recall_sample=300, min_recall=0.95)
+    assert low.nprobe == 16 and low.recall < 0.95
+    assert high.recall >= 0.95 and high.nprobe > 16
+    # the reported recall is the final search's on the sample, measured against brute force
+    sims = x[:300] @ x.T
+    sims[np.arange(300), np.arange(300)] = -np.inf
+    exact = np.argsort(-sims, axis=1)[:, :10]
+    assert knn_recall(high.I[:300], exact) >= 0.9
+
+
 def test_auto_switches_to_ivf_for_large_n() -> None:
     x = unit(1000, 8)
     assert mine_neighbors(x, 3, index="auto", exact_below=10_000).index_kind == "flat"
