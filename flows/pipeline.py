@@ -20,6 +20,7 @@ in Prefect (:mod:`tasks.prefect_reports`).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Literal
 
 from mlflow.exceptions import MlflowException
@@ -680,7 +681,9 @@ def _run_stages(
     auto_clusters: bool = False,
 ) -> dict[str, Any]:
     settings = MachineSettings()
+    scan_start = time.perf_counter()
     snapshot, cfg, reasons = _choose_settings(lake, ws, choice, ref)
+    lake_scan_seconds = time.perf_counter() - scan_start
     _track_request(ref, cfg, choice, auto_clusters, retrain_pretext)
     tracking.set_tags(
         ref,
@@ -708,6 +711,7 @@ def _run_stages(
             "lake/unique_images": snapshot.num_unique,
             "lake/quarantined": snapshot.num_quarantined,
             "lake/objects_read": snapshot.num_read,
+            "lake/scan_seconds": lake_scan_seconds,
         },
     )
     validate_request(cfg, snapshot, auto_clusters)
@@ -966,6 +970,7 @@ def _run_stages(
             "images_decoded": snapshot.num_decoded,
             "images_embedded": embedded,
         },
+        "lake_scan_seconds": lake_scan_seconds,
         "stages": [r.model_dump() for r in records],
         "stages_run": [r.stage for r in records if not r.cached],
         "metrics": dict(ev.summary.get("metrics", {})),
