@@ -32,6 +32,7 @@ from uuid import UUID
 from tasks.auto import parse_budget
 from tasks.config import build_config, parse_clusters
 from tasks.errors import ScanLakeError
+from tasks.parallel import requested
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ def deployment_parameters(
     config_file: Path | str | None = None,
     overrides: dict[str, Any] | None = None,
     budget: str | None = None,
+    workers: int | None = None,
+    dask_address: str | None = None,
 ) -> dict[str, Any]:
     """The flow parameters of the deployment.
 
@@ -58,18 +61,29 @@ def deployment_parameters(
     file, the file and the overrides are resolved now, so the deployment holds every setting
     (shown and editable in the Prefect UI) and does not depend on a file on the worker.
     ``clusters`` is a number, or ``"auto"``: every run then chooses k without labels in
-    ``cluster_count.k_min..k_max`` (the flow's own ``clusters="auto"``).
+    ``cluster_count.k_min..k_max`` (the flow's own ``clusters="auto"``). ``workers`` (a local
+    Dask cluster per run) or ``dask_address`` (an existing one) go in when given; without
+    either, runs use ``SCAN_LAKE_DASK_ADDRESS`` of the serving or worker process, if set
+    (:mod:`tasks.parallel`).
 
     Raises:
-        ScanLakeError: an invalid config, override, budget or ``clusters``, or a budget with a
-            config file (a budget sizes the automatic settings only).
+        ScanLakeError: an invalid config, override, budget or ``clusters``, a budget with a
+            config file (a budget sizes the automatic settings only), or an invalid engine.
     """
     wanted = parse_clusters(clusters)
+    if workers is not None or dask_address is not None:
+        workers, dask_address = requested(workers, dask_address)
+    engine = {
+        key: value
+        for key, value in (("workers", workers), ("dask_address", dask_address))
+        if value is not None
+    }
     config = build_config(config_file, overrides, wanted)  # checks keys and values now
     parameters: dict[str, Any] = {
         "lake": lake,
         "workspace": workspace,
         "clusters": "auto" if wanted == "auto" else config.scan.num_clusters,
+        **engine,
     }
     if config_file is not None:
         if budget is not None:

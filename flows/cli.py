@@ -496,13 +496,15 @@ def _deployment_setup(
     set_: list[str] | None,
     check_storage: bool,
     budget: str | None = None,
+    workers: int | None = None,
+    dask: str | None = None,
 ) -> dict[str, Any]:
     """Validate a deployment request and point Prefect at its server; the flow parameters."""
     from deployments.scan_lake import check_api, deployment_parameters
     from tasks.config import parse_overrides
 
     parameters = deployment_parameters(
-        lake, workspace, clusters, config, parse_overrides(set_ or []), budget
+        lake, workspace, clusters, config, parse_overrides(set_ or []), budget, workers, dask
     )
     settings = MachineSettings()
     if check_storage:
@@ -523,13 +525,17 @@ def serve(
     cron: Annotated[str, typer.Option(help=_CRON_HELP)] = DEFAULT_CRON,
     name: Annotated[str, typer.Option(help="Deployment name.")] = DEPLOYMENT_NAME,
     budget: Annotated[str | None, typer.Option(help=_BUDGET_HELP)] = None,
+    workers: Annotated[int | None, typer.Option(help=_WORKERS_HELP)] = None,
+    dask: Annotated[str | None, typer.Option(metavar="ADDRESS", help=_DASK_HELP)] = None,
 ) -> None:
     """Serve the scheduled deployment: register it with the Prefect server (PREFECT_API_URL) and
     run its scheduled and requested runs in this process until Ctrl-C."""
     try:
         from deployments.scan_lake import build_deployment, serve_deployments
 
-        parameters = _deployment_setup(lake, workspace, clusters, config, set_, True, budget)
+        parameters = _deployment_setup(
+            lake, workspace, clusters, config, set_, True, budget, workers, dask
+        )
         deployment = build_deployment(parameters, name=name, cron=cron)
     except ScanLakeError as exc:
         _fail(exc)
@@ -554,13 +560,17 @@ def deploy(
     cron: Annotated[str, typer.Option(help=_CRON_HELP)] = DEFAULT_CRON,
     name: Annotated[str, typer.Option(help="Deployment name.")] = DEPLOYMENT_NAME,
     budget: Annotated[str | None, typer.Option(help=_BUDGET_HELP)] = None,
+    workers: Annotated[int | None, typer.Option(help=_WORKERS_HELP)] = None,
+    dask: Annotated[str | None, typer.Option(metavar="ADDRESS", help=_DASK_HELP)] = None,
 ) -> None:
     """Register the scheduled deployment on a process work pool; a worker
     (`prefect worker start --pool WORK_POOL`) runs it."""
     try:
         from deployments.scan_lake import deploy_to_work_pool
 
-        parameters = _deployment_setup(lake, workspace, clusters, config, set_, False, budget)
+        parameters = _deployment_setup(
+            lake, workspace, clusters, config, set_, False, budget, workers, dask
+        )
         deployment_id = deploy_to_work_pool(parameters, work_pool, name=name, cron=cron)
     except ScanLakeError as exc:
         _fail(exc)

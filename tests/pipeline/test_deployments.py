@@ -411,3 +411,16 @@ def test_prefect_deploy_registers_prefect_yaml_and_a_worker_runs_it(
         assert mlflow_run.data.tags["lake"] == tiny_lake["lake"]
     finally:
         _stop(worker)
+
+
+def test_deployment_parameters_carry_the_engine_only_when_given() -> None:
+    from deployments import scan_lake
+
+    plain = scan_lake.deployment_parameters("lake", "ws", 4)
+    assert "workers" not in plain and "dask_address" not in plain
+    local = scan_lake.deployment_parameters("lake", "ws", 4, workers=3)
+    assert local["workers"] == 3 and "dask_address" not in local
+    remote = scan_lake.deployment_parameters("lake", "ws", 4, dask_address="10.0.0.5:8786")
+    assert remote["dask_address"] == "10.0.0.5:8786" and "workers" not in remote
+    with pytest.raises(ScanLakeError, match="not both"):
+        scan_lake.deployment_parameters("lake", "ws", 4, workers=2, dask_address="h:1")
