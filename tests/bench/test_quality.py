@@ -6,22 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-import torch
-
 from bench.quality import main
 
 #: 1,000 images (on 400 a 2-epoch SCAN model is still near uniform: nothing to self-label)
 QUICK = ["--quick", "--images", "1000"]
 ROW_KEYS = {"method", "dataset", "n_images", "acc", "nmi", "ari", "seconds", "seeds"}
-
-
-@pytest.fixture
-def one_thread() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_quick_run_writes_the_rows_and_merges_a_second_run(

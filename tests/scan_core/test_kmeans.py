@@ -1,8 +1,6 @@
 """K-means as a clustering model: centroids, the nearest-centroid layer against a naive softmax,
 and a model that reproduces the K-means clustering of its own embeddings."""
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -12,15 +10,9 @@ from scan_core.evaluation import kmeans
 from scan_core.inference import compute_embeddings, predict_probabilities
 from scan_core.kmeans import build_kmeans_model, fit_kmeans, nearest_centroid_layer
 from scan_core.models import EmbeddingHead, PretextModel, SmallCNNBackbone
-from tests.scan_core.test_training import synthetic
+from tests.scan_core.synthetic import synthetic
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blobs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -1,10 +1,7 @@
 """Choosing k without labels: feature heads, the kNN-graph spectrum and the choice on blobs."""
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
-import torch
 
 from scan_core.config import ClusterCountConfig
 from scan_core.evaluation import hungarian_accuracy
@@ -17,14 +14,7 @@ from scan_core.model_selection import (
 )
 from scan_core.neighbors import mine_neighbors
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: extra threads only add overhead (and stall on a busy CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blobs(k: int = 4, per: int = 60, dim: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,6 @@
 """Super-AND pretext: schedule, memory bank, neighbourhood discovery and the training loop."""
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -17,16 +16,9 @@ from scan_core.superand import (
     train_superand,
 )
 from scan_core.training import EpochLog
-from tests.scan_core.test_training import synthetic
+from tests.scan_core.synthetic import synthetic
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: extra threads only add overhead (and stall on a busy CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_schedule_reproduces_the_official_one_at_200_epochs() -> None:

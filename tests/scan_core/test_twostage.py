@@ -1,7 +1,5 @@
 """Norm-FC heads and the two-stage / IIC class-assignment loop on tiny synthetic images."""
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -19,16 +17,9 @@ from scan_core.models import (
 )
 from scan_core.training import EpochLog
 from scan_core.twostage import EmbeddingBackbone, build_assignment_model, train_twostage
-from tests.scan_core.test_training import synthetic
+from tests.scan_core.synthetic import synthetic
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: extra threads only add overhead (and stall on a busy CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_norm_fc_head_shapes_and_normalisation() -> None:
