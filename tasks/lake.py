@@ -175,6 +175,34 @@ def _blank_row(obj: ObjectInfo) -> dict[str, Any]:
     }
 
 
+def _plan_reads(
+    objects: list[ObjectInfo],
+    previous: dict[str, dict[str, Any]],
+    have_pixels: set[str],
+    max_bytes: int,
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The index rows known without reading (refused objects; unchanged ones whose pixels are
+    stored) and the keys to read."""
+    rows: dict[str, dict[str, Any]] = {}
+    to_read: list[str] = []
+    for obj in objects:
+        old = previous.get(obj.key)
+        refused = refusal(obj, max_bytes)
+        if refused is not None:
+            rows[obj.key] = {**_blank_row(obj), "reason": refused}
+        elif (
+            old is not None
+            and old["size"] == obj.size
+            and old["version"] == obj.version
+            and old["reason"] != DENIED  # read again: the access may have been granted since
+            and (old["reason"] is not None or old["image_id"] in have_pixels)
+        ):
+            rows[obj.key] = old
+        else:
+            to_read.append(obj.key)
+    return rows, to_read
+
+
 def scan_lake_fn(lake_url: str, workspace_url: str, image_config: dict[str, Any]) -> LakeSnapshot:
     """List and fingerprint the lake, decode new images into the pixel store, write a snapshot.
 
@@ -194,24 +222,7 @@ def scan_lake_fn(lake_url: str, workspace_url: str, image_config: dict[str, Any]
     previous = previous_index(workspace, index_path(lake))
     have_pixels = pixels.stored_ids(workspace, config_key)
 
-    rows: dict[str, dict[str, Any]] = {}
-    to_read: list[str] = []
-    for obj in objects:
-        old = previous.get(obj.key)
-        refused = refusal(obj, settings.max_object_bytes)
-        if refused is not None:
-            rows[obj.key] = {**_blank_row(obj), "reason": refused}
-        elif (
-            old is not None
-            and old["size"] == obj.size
-            and old["version"] == obj.version
-            and old["reason"] != DENIED  # read again: the access may have been granted since
-            and (old["reason"] is not None or old["image_id"] in have_pixels)
-        ):
-            rows[obj.key] = old
-        else:
-            to_read.append(obj.key)
-
+    rows, to_read = _plan_reads(objects, previous, have_pixels, settings.max_object_bytes)
     sizes = {o.key: o for o in objects}
     shards = chunks([sizes[k] for k in to_read], settings.shard_images)
     results = fan_out(
