@@ -111,7 +111,8 @@ def stream_probabilities(
     return out
 
 
-def assign_fn(
+@task(name="assign", **STAGE_TASK_OPTIONS)
+def assign(
     request: StageRequest,
     model: StageOutput,
     catalog: StageOutput,
@@ -290,14 +291,3 @@ def _lineage(
     if ref is not None and run.run_id is not None:
         tracking.log_table(ref, run.run_id, rows, "cluster_lineage.json")
     return summary
-
-
-@task(name="assign", **STAGE_TASK_OPTIONS)
-def assign(
-    request: StageRequest,
-    model: StageOutput,
-    catalog: StageOutput,
-    previous: StageOutput | None = None,
-) -> StageOutput:
-    """Assign stage task (cached on the assign key)."""
-    return assign_fn(request, model, catalog, previous)

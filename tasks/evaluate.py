@@ -111,7 +111,8 @@ def _label_metrics(
     return metrics
 
 
-def evaluate_fn(
+@task(name="evaluate", **STAGE_TASK_OPTIONS)
+def evaluate(
     request: StageRequest,
     assign: StageOutput,
     catalog: StageOutput,
@@ -172,16 +173,3 @@ def evaluate_fn(
         return summary
 
     return run_stage(request, body)
-
-
-@task(name="evaluate", **STAGE_TASK_OPTIONS)
-def evaluate(
-    request: StageRequest,
-    assign: StageOutput,
-    catalog: StageOutput,
-    neighbors: StageOutput,
-    embed: StageOutput,
-    guard: StageOutput | None = None,
-) -> StageOutput:
-    """Evaluate stage task (cached on the evaluate key)."""
-    return evaluate_fn(request, assign, catalog, neighbors, embed, guard)

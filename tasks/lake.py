@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
@@ -203,8 +203,10 @@ def _plan_reads(
     return rows, to_read
 
 
-def scan_lake_fn(lake_url: str, workspace_url: str, image_config: dict[str, Any]) -> LakeSnapshot:
-    """List and fingerprint the lake, decode new images into the pixel store, write a snapshot.
+@task(name="scan-lake", persist_result=False, cache_policy=NO_CACHE)
+def scan_lake(lake_url: str, workspace_url: str, image_config: dict[str, Any]) -> LakeSnapshot:
+    """List and fingerprint the lake, decode new images into the pixel store, write a snapshot
+    (a task that always runs; the storage module retries transient faults, the task does not).
 
     Raises:
         ScanLakeError: unreachable lake or workspace, a lake without objects.
@@ -284,7 +286,8 @@ def scan_lake_fn(lake_url: str, workspace_url: str, image_config: dict[str, Any]
     return snapshot
 
 
-def decode_shard_fn(
+@task(name="decode-shard", persist_result=False, cache_policy=NO_CACHE)
+def decode_shard(
     shard: list[ObjectInfo],
     lake_url: str,
     workspace_url: str,
@@ -325,31 +328,6 @@ def decode_shard_fn(
         name = hashlib.sha256("\n".join([config_key, *new_ids]).encode()).hexdigest()[:32]
         pixels.write_shard(workspace, config_key, new_ids, new_pixels, name=name)
     return {"pid": os.getpid(), "rows": rows, "decoded": len(new_ids)}
-
-
-@task(name="decode-shard", persist_result=False, cache_policy=NO_CACHE)
-def decode_shard(
-    shard: list[ObjectInfo],
-    lake_url: str,
-    workspace_url: str,
-    image_config: dict[str, Any],
-    known: set[str],
-) -> dict[str, Any]:
-    """One shard of the lake scan, on whichever worker the engine picks (:mod:`tasks.parallel`)."""
-    return decode_shard_fn(shard, lake_url, workspace_url, image_config, known)
-
-
-@task(
-    name="scan-lake",
-    persist_result=False,
-    cache_policy=NO_CACHE,
-)
-def scan_lake(lake_url: str, workspace_url: str, image_config: dict[str, Any]) -> LakeSnapshot:
-    """Prefect task around :func:`scan_lake_fn` (always runs; the storage module retries
-    transient faults, the task does not)."""
-    snapshot = scan_lake_fn(lake_url, workspace_url, image_config)
-    get_run_logger().info("lake scan: %s", snapshot.summary())
-    return snapshot
 
 
 def unique_ids(table: pa.Table) -> list[str]:
