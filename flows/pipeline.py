@@ -393,35 +393,15 @@ def scan_pipeline(
     lake_store.check_reachable()
     ws.check_reachable(create=True)
 
-    artifact_location = settings.mlflow_artifact_location
-    if artifact_location is None and not ws.is_local:
-        artifact_location = ws.uri("_mlflow")
-    experiment_id = tracking.ensure_experiment(
-        settings.tracking_uri, settings.mlflow_experiment, artifact_location
-    )
     flow_run_id = str(runtime.flow_run.id or "")
-    parent = tracking.start_parent_run(
-        settings.tracking_uri,
-        experiment_id,
-        f"scan_pipeline {runtime.flow_run.name or ''}",
-        {"prefect.flow_run_id": flow_run_id, "lake": lake_store.url, "workspace": ws.url},
-    )
-    ref = TrackingRef(
-        tracking_uri=settings.tracking_uri, experiment_id=experiment_id, parent_run_id=parent
-    )
+    ref = _open_parent_run(settings, lake_store, ws, flow_run_id)
+    parent = ref.parent_run_id
     reporter = ProgressArtifacts()
     progress.add_reporter(reporter)
     try:
         with library_logs_to_prefect(), parallel.engine(workers, dask_address) as engine:
-            tracking.log_params(
-                ref,
-                parent,
-                {
-                    "engine": engine.kind,
-                    "workers": str(engine.workers),
-                    "dask": engine.address or "",
-                },
-            )
+            params = {"engine": engine.kind, "workers": str(engine.workers)}
+            tracking.log_params(ref, parent, {**params, "dask": engine.address or ""})
             result = _run_stages(lake_store, ws, choice, ref, retrain_pretext, flow_run_id, auto)
             result["parallel"] = engine.describe()
     except BaseException:
@@ -435,6 +415,28 @@ def scan_pipeline(
     _publish(result)
     log.info("stages run: %s", ", ".join(result["stages_run"]) or "none (all cached)")
     return result
+
+
+def _open_parent_run(
+    settings: MachineSettings, lake: Storage, ws: Storage, flow_run_id: str
+) -> TrackingRef:
+    """The run's MLflow experiment (artifacts under the workspace when it is on S3) and its
+    parent run, named after the Prefect flow run."""
+    artifact_location = settings.mlflow_artifact_location
+    if artifact_location is None and not ws.is_local:
+        artifact_location = ws.uri("_mlflow")
+    experiment_id = tracking.ensure_experiment(
+        settings.tracking_uri, settings.mlflow_experiment, artifact_location
+    )
+    parent = tracking.start_parent_run(
+        settings.tracking_uri,
+        experiment_id,
+        f"scan_pipeline {runtime.flow_run.name or ''}",
+        {"prefect.flow_run_id": flow_run_id, "lake": lake.url, "workspace": ws.url},
+    )
+    return TrackingRef(
+        tracking_uri=settings.tracking_uri, experiment_id=experiment_id, parent_run_id=parent
+    )
 
 
 def _track_request(
@@ -671,6 +673,255 @@ def _choose_settings(
     return snapshot, cfg, chosen.reasons
 
 
+class _Stages:
+    """The stages of one flow run, one short method each, in the order of the method: each
+    builds its stage's key from its config and its inputs' keys, and runs the stage task
+    through :class:`_Runner` (which records cache hits)."""
+
+    def __init__(self, ws: Storage, ref: TrackingRef, snapshot: LakeSnapshot) -> None:
+        self.ws, self.ref, self.snapshot = ws, ref, snapshot
+        self.run = _Runner(ref)
+
+    def request(self, stage: str, key: str, config: dict[str, Any]) -> StageRequest:
+        return StageRequest(
+            stage=stage, key=key, workspace=self.ws.url, config=config, tracking=self.ref
+        )
+
+    def catalog(self, cfg: PipelineConfig) -> StageOutput:
+        """SCAN's input: the lake's usable images, as the lake scan found them."""
+        config = {
+            "image": cfg.image.model_dump(mode="json"),
+            "image_config_key": self.snapshot.image_config_key,
+        }
+        request = self.request("catalog", self.snapshot.catalog_key, config)
+        return self.run(catalog, request, self.snapshot.listing)
+
+    def pretext(
+        self, cfg: PipelineConfig, cat: StageOutput, retrain: bool
+    ) -> tuple[StageOutput, PretextPlan]:
+        """Step 1: the self-supervised backbone (reused from an earlier run while the lake has
+        not outgrown it)."""
+        config = pretext_stage_config(cfg)
+        plan = plan_pretext(
+            self.ws.url,
+            config,
+            self.snapshot.images_key,
+            self.snapshot.image_config_key,
+            self.snapshot.listing,
+            cfg.growth.retrain_pretext_after,
+            retrain,
+        )
+        return self.run(pretext, self.request("pretext", plan.key, config), cat), plan
+
+    def embed(self, cfg: PipelineConfig, pre: StageOutput, cat: StageOutput) -> StageOutput:
+        """The backbone's embedding of every image (only new images are embedded)."""
+        key = keys.stage_key("embed", "", {"pretext": pre.key, "images": self.snapshot.images_key})
+        config = {"device": cfg.pretext.device, "batch_size": 1024}
+        return self.run(embed, self.request("embed", key, config), pre, cat)
+
+    def neighbors(self, cfg: PipelineConfig, emb: StageOutput) -> StageOutput:
+        """Step 2: the k nearest neighbours of every image in the embedding."""
+        key = keys.stage_key("neighbors", cfg.neighbors.fingerprint(), {"embed": emb.key})
+        config = cfg.neighbors.model_dump(mode="json")
+        return self.run(neighbors, self.request("mine_neighbors", key, config), emb)
+
+    def duplicates(self, cfg: PipelineConfig, cat: StageOutput, emb: StageOutput) -> StageOutput:
+        """Exact and near-duplicate images (reported, not removed)."""
+        key = keys.stage_key(
+            "duplicates", cfg.duplicates.fingerprint(), {"catalog": cat.key, "embed": emb.key}
+        )
+        config = cfg.duplicates.model_dump(mode="json")
+        return self.run(duplicates, self.request("duplicates", key, config), cat, emb)
+
+    def choose_k(
+        self, cfg: PipelineConfig, emb: StageOutput, nbr: StageOutput
+    ) -> tuple[PipelineConfig, dict[str, Any]]:
+        """``--clusters auto``: the number of clusters, chosen without labels."""
+        key = keys.stage_key("choose_k", cfg.cluster_count.fingerprint(), {"neighbors": nbr.key})
+        config = cfg.cluster_count.model_dump(mode="json")
+        count = self.run(choose_k, self.request("choose_k", key, config), emb, nbr)
+        chosen = {**count.summary, "plot": self.ws.uri(f"{count.rel_dir}/{count.summary['plot']}")}
+        _track_choice(self.ref, chosen)
+        return _with_clusters(cfg, int(chosen["chosen_k"])), chosen
+
+    def cluster(
+        self,
+        cfg: PipelineConfig,
+        plan: GrowthPlan,
+        inputs: tuple[StageOutput, StageOutput, StageOutput, StageOutput],
+    ) -> StageOutput:
+        """Step 3: the clustering model (SCAN, warm-started from the last run when the growth
+        plan says so, or the configured other method)."""
+        pre, emb, nbr, cat = inputs
+        method = cfg.clustering.method
+        if method == "scan":
+            warm = plan.warm_from
+            scan_cfg = warm_scan_config(cfg.scan, cfg.growth) if warm else cfg.scan
+            scan_inputs = {"neighbors": nbr.key, "pretext": pre.key}
+            if warm is not None:
+                scan_inputs["init"] = warm.key
+            key = keys.stage_key("scan", scan_cfg.fingerprint(), scan_inputs)
+            request = self.request("scan", key, scan_cfg.model_dump(mode="json"))
+            return self.run(scan, request, pre, nbr, cat, warm)
+        method_config = stage_config(cfg, cfg.scan.num_clusters)
+        own_inputs = (
+            {"embed": emb.key}
+            if method == "kmeans"
+            else {"pretext": pre.key, "images": self.snapshot.images_key}
+        )
+        request = self.request("scan", clustering_key(method_config, own_inputs), method_config)
+        return self.run(scan, request, pre, nbr, cat, None, emb if method == "kmeans" else None)
+
+    def selflabel(
+        self,
+        cfg: PipelineConfig,
+        plan: GrowthPlan,
+        model: StageOutput,
+        cat: StageOutput,
+        nbr: StageOutput,
+    ) -> tuple[StageOutput, dict[str, str], dict[str, Any]]:
+        """Step 4, SCAN's only: self-labeling, kept only when its rules say so. Returns the
+        model that goes on, why step 4 was skipped (if it was) and what it did."""
+        method = cfg.clustering.method
+        step4: dict[str, Any] = {"method": cfg.selflabel.method, "ran": False, "kept": False}
+        if method != "scan":
+            reason = f"self-labeling is SCAN's step 4; clustering.method is {method}"
+            return model, {"selflabel": reason}, step4
+        if not cfg.selflabel.enabled:
+            return model, {"selflabel": "selflabel.enabled is false"}, step4
+        warm = plan.warm_from
+        sl_cfg = warm_selflabel_config(cfg.selflabel, cfg.growth) if warm else cfg.selflabel
+        key = keys.stage_key(
+            "selflabel", sl_cfg.fingerprint(), {"scan": model.key, "neighbors": nbr.key}
+        )
+        request = self.request("selflabel", key, sl_cfg.model_dump(mode="json"))
+        sl = self.run(selflabel, request, model, cat, nbr)
+        step4 = {"method": sl_cfg.method, **sl.summary}
+        if sl.summary.get("skipped"):
+            return model, {"selflabel": str(sl.summary["skipped"])}, step4
+        if sl.summary.get("kept", True):
+            return sl, {}, step4
+        return model, {"selflabel": str(sl.summary.get("reason", "its model was not kept"))}, step4
+
+    def guard(
+        self, cfg: PipelineConfig, model: StageOutput, inputs: tuple[StageOutput, ...]
+    ) -> tuple[StageOutput, dict[str, Any] | None]:
+        """The guard: keep the model's partition or K-means' on the same embedding, whichever
+        scores better without labels (not for K-means itself, nor when disabled)."""
+        if cfg.clustering.method == "kmeans" or not cfg.guard.enabled:
+            return model, None
+        pre, emb, nbr, cat = inputs
+        config = {
+            "guard": cfg.guard.model_dump(mode="json"),
+            "kmeans": cfg.kmeans.model_dump(mode="json"),
+            "device": cfg.scan.device,
+        }
+        inputs_keys = {"model": model.key, "embed": emb.key, "neighbors": nbr.key}
+        key = keys.stage_key("guard", keys.digest(config), inputs_keys)
+        kept = self.run(guard, self.request("guard", key, config), model, pre, emb, nbr, cat)
+        return kept, dict(kept.summary)
+
+    def assign(
+        self,
+        cfg: PipelineConfig,
+        lake: Storage,
+        model: StageOutput,
+        cat: StageOutput,
+        plan: GrowthPlan,
+    ) -> StageOutput:
+        """Step 5: every lake object's cluster, under ids matched to the last run's; registers
+        the servable model."""
+        config = {
+            "device": cfg.scan.device,
+            "batch_size": 1024,
+            "registered_model": MachineSettings().registered_model,
+            "lake": lake.url,
+        }
+        inputs = {"model": model.key, "catalog": cat.key}
+        if plan.relabel_from is not None:
+            inputs["previous"] = plan.relabel_from.key
+        key = keys.stage_key("assign", "", inputs)
+        return self.run(assign, self.request("assign", key, config), model, cat, plan.relabel_from)
+
+    def evaluate(
+        self, asg: StageOutput, inputs: tuple[StageOutput, ...], guard_out: StageOutput | None
+    ) -> StageOutput:
+        """Metrics (with labels), sizes, confidences and plots."""
+        cat, nbr, emb = inputs
+        eval_inputs = {"assign": asg.key, "catalog": cat.key, "neighbors": nbr.key}
+        eval_inputs["embed"] = emb.key
+        if guard_out is not None:
+            eval_inputs["guard"] = guard_out.key
+        key = keys.stage_key("evaluate", "", eval_inputs)
+        return self.run(evaluate, self.request("evaluate", key, {}), asg, cat, nbr, emb, guard_out)
+
+
+def _track_lake(
+    ref: TrackingRef, lake: Storage, snapshot: LakeSnapshot, scan_seconds: float
+) -> None:
+    """The lake as the run found it: fingerprint tags, the MLflow dataset input, counts."""
+    tracking.set_tags(
+        ref,
+        ref.parent_run_id,
+        {"lake_fingerprint": snapshot.images_key, "catalog_key": snapshot.catalog_key},
+    )
+    counts = {
+        "objects": snapshot.num_objects,
+        "images": snapshot.num_images,
+        "unique_images": snapshot.num_unique,
+        "quarantined": snapshot.num_quarantined,
+    }
+    tracking.log_lake_input(ref, ref.parent_run_id, lake.url, snapshot.images_key, counts)
+    metrics = {f"lake/{k}": float(v) for k, v in counts.items()}
+    metrics.update({"lake/objects_read": snapshot.num_read, "lake/scan_seconds": scan_seconds})
+    tracking.log_metrics(ref, ref.parent_run_id, metrics)
+
+
+def _plan_growth(
+    ws: Storage, lake: Storage, cfg: PipelineConfig, snapshot: LakeSnapshot, pre: StageOutput
+) -> tuple[RunSignature, GrowthPlan]:
+    """What this run builds on (warm start, cluster ids to keep): :func:`tasks.history.plan_growth`,
+    cold for methods other than SCAN and after a run that kept K-means' clusters."""
+    method = cfg.clustering.method
+    # a method's settings stand in for SCAN's: a change of method or settings starts cold
+    fingerprint = (
+        cfg.scan.fingerprint()
+        if method == "scan"
+        else keys.digest(stage_config(cfg, cfg.scan.num_clusters))
+    )
+    signature = RunSignature(
+        images_key=snapshot.images_key,
+        pretext_key=pre.key,
+        num_clusters=cfg.scan.num_clusters,
+        scan_fingerprint=fingerprint,
+        selflabel_fingerprint=cfg.selflabel.fingerprint(),
+    )
+    plan: GrowthPlan = plan_growth(ws.url, lake.url, signature, cfg.growth.model_dump(mode="json"))
+    cold = None
+    if method != "scan" and plan.start == "warm":
+        cold = f"warm starts are SCAN's; clustering.method is {method}"
+    elif plan.warm_from is not None and plan.warm_from.summary.get("guard_kept") == "kmeans":
+        cold = "the last run kept K-means' clusters (the guard), not a SCAN model"
+    if cold is not None:
+        plan = plan.model_copy(update={"start": "cold", "warm_from": None, "reason": cold})
+    return signature, plan
+
+
+def _track_outcome(
+    ref: TrackingRef, cfg: PipelineConfig, skipped: dict[str, str], guard_summary: dict | None
+) -> None:
+    """Which methods ran, which stages were skipped and why, and what the guard kept."""
+    tags = {
+        "pretext.method": cfg.pretext.method,
+        "clustering.method": cfg.clustering.method,
+        **{f"{stage}.skipped": reason for stage, reason in skipped.items()},
+    }
+    if guard_summary is not None:
+        tags["guard.kept"] = str(guard_summary["kept"])
+        tags["guard.reason"] = str(guard_summary["reason"])[:5000]
+    tracking.set_tags(ref, ref.parent_run_id, tags)
+
+
 def _run_stages(
     lake: Storage,
     ws: Storage,
@@ -680,271 +931,118 @@ def _run_stages(
     flow_run_id: str,
     auto_clusters: bool = False,
 ) -> dict[str, Any]:
-    settings = MachineSettings()
+    """The method, stage after stage (SCAN: pretext, neighbours, clustering, self-labeling),
+    then the guard, the assignments and their evaluation; then what the run leaves."""
     scan_start = time.perf_counter()
     snapshot, cfg, reasons = _choose_settings(lake, ws, choice, ref)
     lake_scan_seconds = time.perf_counter() - scan_start
     _track_request(ref, cfg, choice, auto_clusters, retrain_pretext)
-    tracking.set_tags(
-        ref,
-        ref.parent_run_id,
-        {"lake_fingerprint": snapshot.images_key, "catalog_key": snapshot.catalog_key},
-    )
-    tracking.log_lake_input(
-        ref,
-        ref.parent_run_id,
-        lake.url,
-        snapshot.images_key,
-        {
-            "objects": snapshot.num_objects,
-            "images": snapshot.num_images,
-            "unique_images": snapshot.num_unique,
-            "quarantined": snapshot.num_quarantined,
-        },
-    )
-    tracking.log_metrics(
-        ref,
-        ref.parent_run_id,
-        {
-            "lake/objects": snapshot.num_objects,
-            "lake/images": snapshot.num_images,
-            "lake/unique_images": snapshot.num_unique,
-            "lake/quarantined": snapshot.num_quarantined,
-            "lake/objects_read": snapshot.num_read,
-            "lake/scan_seconds": lake_scan_seconds,
-        },
-    )
+    _track_lake(ref, lake, snapshot, lake_scan_seconds)
     validate_request(cfg, snapshot, auto_clusters)
-    run = _Runner(ref)
 
-    def request(stage: str, key: str, config: dict[str, Any]) -> StageRequest:
-        return StageRequest(stage=stage, key=key, workspace=ws.url, config=config, tracking=ref)
-
-    image_cfg = cfg.image.model_dump(mode="json")
-    cat = run(
-        catalog,
-        request(
-            "catalog",
-            snapshot.catalog_key,
-            {"image": image_cfg, "image_config_key": snapshot.image_config_key},
-        ),
-        snapshot.listing,
-    )
-
-    pretext_config = pretext_stage_config(cfg)
-    pretext_plan: PretextPlan = plan_pretext(
-        ws.url,
-        pretext_config,
-        snapshot.images_key,
-        snapshot.image_config_key,
-        snapshot.listing,
-        cfg.growth.retrain_pretext_after,
-        retrain_pretext,
-    )
-    pre = run(pretext, request("pretext", pretext_plan.key, pretext_config), cat)
-
-    embed_config = {"device": cfg.pretext.device, "batch_size": 1024}
-    embed_key = keys.stage_key("embed", "", {"pretext": pre.key, "images": snapshot.images_key})
-    emb = run(embed, request("embed", embed_key, embed_config), pre, cat)
-
-    nbr_key = keys.stage_key("neighbors", cfg.neighbors.fingerprint(), {"embed": emb.key})
-    nbr = run(
-        neighbors, request("mine_neighbors", nbr_key, cfg.neighbors.model_dump(mode="json")), emb
-    )
-
-    dup_key = keys.stage_key(
-        "duplicates", cfg.duplicates.fingerprint(), {"catalog": cat.key, "embed": emb.key}
-    )
-    dup = run(
-        duplicates,
-        request("duplicates", dup_key, cfg.duplicates.model_dump(mode="json")),
-        cat,
-        emb,
-    )
-
-    chosen: dict[str, Any] | None = None
+    stages = _Stages(ws, ref, snapshot)
+    cat = stages.catalog(cfg)
+    pre, pretext_plan = stages.pretext(cfg, cat, retrain_pretext)
+    emb = stages.embed(cfg, pre, cat)
+    nbr = stages.neighbors(cfg, emb)
+    dup = stages.duplicates(cfg, cat, emb)
+    chosen = None
     if auto_clusters:
-        count_key = keys.stage_key(
-            "choose_k", cfg.cluster_count.fingerprint(), {"neighbors": nbr.key}
-        )
-        count = run(
-            choose_k,
-            request("choose_k", count_key, cfg.cluster_count.model_dump(mode="json")),
-            emb,
-            nbr,
-        )
-        chosen = {**count.summary, "plot": ws.uri(f"{count.rel_dir}/{count.summary['plot']}")}
-        cfg = _with_clusters(cfg, int(chosen["chosen_k"]))
-        _track_choice(ref, chosen)
-    k = cfg.scan.num_clusters
-    method = cfg.clustering.method
-    method_config = None if method == "scan" else stage_config(cfg, k)
+        cfg, chosen = stages.choose_k(cfg, emb, nbr)
+    signature, plan = _plan_growth(ws, lake, cfg, snapshot, pre)
+    model = stages.cluster(cfg, plan, (pre, emb, nbr, cat))
+    model, skipped, step4 = stages.selflabel(cfg, plan, model, cat, nbr)
+    model, guard_summary = stages.guard(cfg, model, (pre, emb, nbr, cat))
+    _track_outcome(ref, cfg, skipped, guard_summary)
+    asg = stages.assign(cfg, lake, model, cat, plan)
+    ev = stages.evaluate(asg, (cat, nbr, emb), model if guard_summary is not None else None)
 
-    # a method's settings stand in for SCAN's: a change of method or settings starts cold
-    method_fingerprint = (
-        cfg.scan.fingerprint() if method_config is None else keys.digest(method_config)
+    outputs = {"pretext": pre, "embed": emb, "duplicates": dup, "assign": asg, "evaluate": ev}
+    parts = _RunParts(
+        snapshot=snapshot,
+        cfg=cfg,
+        reasons=reasons,
+        lake_scan_seconds=lake_scan_seconds,
+        pretext_plan=pretext_plan,
+        signature=signature,
+        plan=plan,
+        chosen=chosen,
+        skipped=skipped,
+        step4=step4,
+        guard=guard_summary,
+        records=stages.run.records,
     )
-    signature = RunSignature(
-        images_key=snapshot.images_key,
-        pretext_key=pre.key,
-        num_clusters=k,
-        scan_fingerprint=method_fingerprint,
-        selflabel_fingerprint=cfg.selflabel.fingerprint(),
-    )
-    plan: GrowthPlan = plan_growth(ws.url, lake.url, signature, cfg.growth.model_dump(mode="json"))
-    if method_config is not None and plan.start == "warm":
-        plan = plan.model_copy(
-            update={
-                "start": "cold",
-                "warm_from": None,
-                "reason": f"warm starts are SCAN's; clustering.method is {method}",
-            }
-        )
-    if plan.warm_from is not None and plan.warm_from.summary.get("guard_kept") == "kmeans":
-        plan = plan.model_copy(
-            update={
-                "start": "cold",
-                "warm_from": None,
-                "reason": "the last run kept K-means' clusters (the guard), not a SCAN model",
-            }
-        )
-    warm = plan.warm_from
-    if method_config is None:
-        scan_cfg = warm_scan_config(cfg.scan, cfg.growth) if warm else cfg.scan
-        scan_inputs = {"neighbors": nbr.key, "pretext": pre.key}
-        if warm is not None:
-            scan_inputs["init"] = warm.key
-        scan_key = keys.stage_key("scan", scan_cfg.fingerprint(), scan_inputs)
-        model = run(
-            scan,
-            request("scan", scan_key, scan_cfg.model_dump(mode="json")),
-            pre,
-            nbr,
-            cat,
-            warm,
-        )
-    else:
-        inputs = (
-            {"embed": emb.key}
-            if method == "kmeans"
-            else {"pretext": pre.key, "images": snapshot.images_key}
-        )
-        model = run(
-            scan,
-            request("scan", clustering_key(method_config, inputs), method_config),
-            pre,
-            nbr,
-            cat,
-            None,
-            emb if method == "kmeans" else None,
-        )
+    return _finish_run(lake, ws, ref, flow_run_id, outputs, parts)
 
-    skipped: dict[str, str] = {}
-    step4: dict[str, Any] = {"method": cfg.selflabel.method, "ran": False, "kept": False}
-    if method_config is not None:
-        skipped["selflabel"] = f"self-labeling is SCAN's step 4; clustering.method is {method}"
-    elif not cfg.selflabel.enabled:
-        skipped["selflabel"] = "selflabel.enabled is false"
-    else:
-        sl_cfg = warm_selflabel_config(cfg.selflabel, cfg.growth) if warm else cfg.selflabel
-        sl_key = keys.stage_key(
-            "selflabel", sl_cfg.fingerprint(), {"scan": model.key, "neighbors": nbr.key}
-        )
-        sl = run(
-            selflabel,
-            request("selflabel", sl_key, sl_cfg.model_dump(mode="json")),
-            model,
-            cat,
-            nbr,
-        )
-        step4 = {"method": sl_cfg.method, **sl.summary}
-        if sl.summary.get("skipped"):
-            skipped["selflabel"] = str(sl.summary["skipped"])
-        elif sl.summary.get("kept", True):
-            model = sl
-        else:
-            skipped["selflabel"] = str(sl.summary.get("reason", "its model was not kept"))
-    guard_summary: dict[str, Any] | None = None
-    if method != "kmeans" and cfg.guard.enabled:
-        guard_config = {
-            "guard": cfg.guard.model_dump(mode="json"),
-            "kmeans": cfg.kmeans.model_dump(mode="json"),
-            "device": cfg.scan.device,
-        }
-        guard_key = keys.stage_key(
-            "guard",
-            keys.digest(guard_config),
-            {"model": model.key, "embed": emb.key, "neighbors": nbr.key},
-        )
-        model = run(guard, request("guard", guard_key, guard_config), model, pre, emb, nbr, cat)
-        guard_summary = dict(model.summary)
-    tracking.set_tags(
-        ref,
-        ref.parent_run_id,
-        {
-            "pretext.method": cfg.pretext.method,
-            "clustering.method": method,
-            **{f"{stage}.skipped": reason for stage, reason in skipped.items()},
-            **(
-                {
-                    "guard.kept": str(guard_summary["kept"]),
-                    "guard.reason": str(guard_summary["reason"])[:5000],
-                }
-                if guard_summary is not None
-                else {}
-            ),
-        },
-    )
 
-    assign_config = {
-        "device": cfg.scan.device,
-        "batch_size": 1024,
-        "registered_model": settings.registered_model,
-        "lake": lake.url,
-    }
-    assign_inputs = {"model": model.key, "catalog": cat.key}
-    if plan.relabel_from is not None:
-        assign_inputs["previous"] = plan.relabel_from.key
-    assign_key = keys.stage_key("assign", "", assign_inputs)
-    asg = run(assign, request("assign", assign_key, assign_config), model, cat, plan.relabel_from)
+class _RunParts(BaseModel):
+    """What the stages of a run decided, for what the run leaves (:func:`_finish_run`)."""
 
-    guard_out = model if guard_summary is not None else None
-    eval_inputs = {"assign": asg.key, "catalog": cat.key, "neighbors": nbr.key, "embed": emb.key}
-    if guard_out is not None:
-        eval_inputs["guard"] = guard_out.key
-    eval_key = keys.stage_key("evaluate", "", eval_inputs)
-    ev = run(evaluate, request("evaluate", eval_key, {}), asg, cat, nbr, emb, guard_out)
+    model_config = {"arbitrary_types_allowed": True}
 
-    embedded = 0 if run.records["embed"].cached else int(emb.summary.get("embedded", 0))
+    snapshot: LakeSnapshot
+    cfg: PipelineConfig
+    reasons: dict[str, str]
+    lake_scan_seconds: float
+    pretext_plan: PretextPlan
+    signature: RunSignature
+    plan: GrowthPlan
+    chosen: dict[str, Any] | None
+    skipped: dict[str, str]
+    step4: dict[str, Any]
+    guard: dict[str, Any] | None
+    records: dict[str, StageRecord]
+
+
+def _finish_run(
+    lake: Storage,
+    ws: Storage,
+    ref: TrackingRef,
+    flow_run_id: str,
+    out: dict[str, StageOutput],
+    parts: _RunParts,
+) -> dict[str, Any]:
+    """What a finished run leaves: growth and duplicates in MLflow, the promotion decision,
+    the run record for the next run, the gallery, and the result."""
+    asg, ev, dup = out["assign"], out["evaluate"], out["duplicates"]
+    records = parts.records
+    embedded = 0 if records["embed"].cached else int(out["embed"].summary.get("embedded", 0))
     lineage = dict(asg.summary.get("lineage", {}))
     dup_counts = {k: v for k, v in dup.summary.items() if isinstance(v, int | float)}
     _track_growth(
-        ref, run.records["pretext"].run_id, pretext_plan, plan, embedded, lineage, dup_counts
+        ref,
+        records["pretext"].run_id,
+        parts.pretext_plan,
+        parts.plan,
+        embedded,
+        lineage,
+        dup_counts,
     )
     assignments = ws.uri(f"{asg.rel_dir}/{ASSIGNMENTS_FILE}")
+    promotion_record = {
+        "lake": lake.url,
+        "lake_fingerprint": parts.snapshot.images_key,
+        "mlflow_run_id": ref.parent_run_id,
+        "prefect.flow_run_id": flow_run_id,
+        "assign_key": asg.key,
+        "assignments": assignments,
+        "cluster_ids": ev.summary.get("cluster_ids", []),
+        "cluster_sizes": ev.summary.get("cluster_sizes", []),
+    }
     decision = _promote(
         ref,
-        settings.registered_model,
-        cfg,
+        MachineSettings().registered_model,
+        parts.cfg,
         asg,
         ev,
-        not run.records["assign"].cached,
-        {
-            "lake": lake.url,
-            "lake_fingerprint": snapshot.images_key,
-            "mlflow_run_id": ref.parent_run_id,
-            "prefect.flow_run_id": flow_run_id,
-            "assign_key": asg.key,
-            "assignments": assignments,
-            "cluster_ids": ev.summary.get("cluster_ids", []),
-            "cluster_sizes": ev.summary.get("cluster_sizes", []),
-        },
-        guard_summary,
+        not records["assign"].cached,
+        promotion_record,
+        parts.guard,
     )
     record = RunRecord(
         lake=lake.url,
-        signature=signature,
-        plan=plan,
+        signature=parts.signature,
+        plan=parts.plan,
         assign=asg,
         flow_run_id=flow_run_id,
         mlflow_run_id=ref.parent_run_id,
@@ -954,8 +1052,33 @@ def _run_stages(
     )
     record_run(ws.url, record)
     gallery, gallery_error = _gallery(lake, ws, record, ref)
+    extras = {
+        "embedded": embedded,
+        "lineage": lineage,
+        "duplicates": dup_counts,
+        "duplicates_report": ws.uri(f"{dup.rel_dir}/duplicates.parquet"),
+        "assignments": assignments,
+        "promotion": decision,
+        "gallery": gallery,
+        "gallery_error": gallery_error,
+    }
+    return _result(lake, ws, ref, flow_run_id, asg, ev, parts, extras)
 
-    records = [run.records[name] for name in STAGES if name in run.records]
+
+def _result(
+    lake: Storage,
+    ws: Storage,
+    ref: TrackingRef,
+    flow_run_id: str,
+    asg: StageOutput,
+    ev: StageOutput,
+    parts: _RunParts,
+    extras: dict[str, Any],
+) -> dict[str, Any]:
+    """The run's result (the flow's return value; the CLI's tables and ``--json``)."""
+    snapshot, plan, cfg = parts.snapshot, parts.plan, parts.cfg
+    records = [parts.records[name] for name in STAGES if name in parts.records]
+    sizes = list(ev.summary.get("cluster_sizes", []))
     return {
         "lake": lake.url,
         "workspace": ws.url,
@@ -968,17 +1091,15 @@ def _run_stages(
             "quarantined": snapshot.num_quarantined,
             "objects_read": snapshot.num_read,
             "images_decoded": snapshot.num_decoded,
-            "images_embedded": embedded,
+            "images_embedded": extras["embedded"],
         },
-        "lake_scan_seconds": lake_scan_seconds,
+        "lake_scan_seconds": parts.lake_scan_seconds,
         "stages": [r.model_dump() for r in records],
         "stages_run": [r.stage for r in records if not r.cached],
         "metrics": dict(ev.summary.get("metrics", {})),
-        "cluster_sizes": list(ev.summary.get("cluster_sizes", [])),
-        "cluster_ids": list(
-            ev.summary.get("cluster_ids", range(len(ev.summary.get("cluster_sizes", []))))
-        ),
-        "pretext": pretext_plan.model_dump(),
+        "cluster_sizes": sizes,
+        "cluster_ids": list(ev.summary.get("cluster_ids", range(len(sizes)))),
+        "pretext": parts.pretext_plan.model_dump(),
         "growth": {
             "start": plan.start,
             "reason": plan.reason,
@@ -986,30 +1107,33 @@ def _run_stages(
             "relabel_from": plan.relabel_from.key if plan.relabel_from else None,
             "previous_flow_run_id": plan.previous_flow_run_id,
         },
-        "lineage": lineage,
+        "lineage": extras["lineage"],
         "clustering": {
             "pretext_method": cfg.pretext.method,
-            "method": method,
-            "num_clusters": k,
-            "auto": chosen,
+            "method": cfg.clustering.method,
+            "num_clusters": cfg.scan.num_clusters,
+            "auto": parts.chosen,
         },
-        "skipped": skipped,
-        "settings": reasons,
-        "guard": guard_summary,
-        "step4": step4,
-        "duplicates": dup_counts,
-        "duplicates_report": ws.uri(f"{dup.rel_dir}/duplicates.parquet"),
+        "skipped": parts.skipped,
+        "settings": parts.reasons,
+        "guard": parts.guard,
+        "step4": parts.step4,
+        "duplicates": extras["duplicates"],
+        "duplicates_report": extras["duplicates_report"],
         "model_version": asg.summary.get("model_version"),
-        "promotion": decision,
-        "assignments": assignments,
-        "gallery": gallery,
-        "gallery_error": gallery_error,
+        "promotion": extras["promotion"],
+        "assignments": extras["assignments"],
+        "gallery": extras["gallery"],
+        "gallery_error": extras["gallery_error"],
         "mlflow": {
             "tracking_uri": ref.tracking_uri,
             "experiment_id": ref.experiment_id,
             "parent_run_id": ref.parent_run_id,
             "link": tracking.run_link(
-                ref.tracking_uri, ref.experiment_id, ref.parent_run_id, settings.mlflow_ui_url
+                ref.tracking_uri,
+                ref.experiment_id,
+                ref.parent_run_id,
+                MachineSettings().mlflow_ui_url,
             ),
             "ui_command": tracking.ui_command(ref.tracking_uri),
         },

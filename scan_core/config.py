@@ -57,22 +57,11 @@ class ImageConfig(StageConfig):
     max_pixels: int = Field(50_000_000, ge=1)
 
 
-class PretextConfig(StageConfig):
-    """Self-supervised representation learning (SCAN step 1).
+class PretextTraining(StageConfig):
+    """What every pretext method's training has: backbone, embedding size, schedule, optimiser,
+    augmentation, seed, device (SimCLR's values by default; :class:`PretextConfig`,
+    :class:`SuperANDConfig`)."""
 
-    Official SimCLR settings on CIFAR: 500 epochs, batch 512, SGD lr 0.4, momentum 0.9,
-    weight decay 1e-4, cosine schedule to lr * 0.1**3, temperature 0.1, 128-d head.
-    ``method = "superand"`` trains Super-AND (Han et al. 2020) with these settings plus the
-    pipeline's ``superand`` section (:meth:`PipelineConfig.superand_config`); its official
-    values differ: lr 0.03, weight decay 5e-4, batch 128, 1000 epochs in 5 rounds.
-
-    ``view_scale`` renders the augmented training views (SimCLR, Super-AND) at that fraction of
-    the image size (official: 1). Below 1 it trains at a lower resolution than the embeddings
-    are computed at, as FixRes recommends (:class:`scan_core.transforms.SimCLRTransform`), for
-    ``view_scale ** 2`` of the convolution cost per epoch.
-    """
-
-    method: Literal["simclr", "rotnet", "superand"] = "simclr"
     backbone: BackboneName = "small_cnn"
     feature_dim: int = Field(128, ge=2)
     epochs: int = Field(500, ge=1)
@@ -88,6 +77,24 @@ class PretextConfig(StageConfig):
     seed: int = 0
     device: Device = "auto"
     precision: Precision = "auto"
+
+
+class PretextConfig(PretextTraining):
+    """Self-supervised representation learning (SCAN step 1).
+
+    Official SimCLR settings on CIFAR: 500 epochs, batch 512, SGD lr 0.4, momentum 0.9,
+    weight decay 1e-4, cosine schedule to lr * 0.1**3, temperature 0.1, 128-d head.
+    ``method = "superand"`` trains Super-AND (Han et al. 2020) with these settings plus the
+    pipeline's ``superand`` section (:meth:`PipelineConfig.superand_config`); its official
+    values differ: lr 0.03, weight decay 5e-4, batch 128, 1000 epochs in 5 rounds.
+
+    ``view_scale`` renders the augmented training views (SimCLR, Super-AND) at that fraction of
+    the image size (official: 1). Below 1 it trains at a lower resolution than the embeddings
+    are computed at, as FixRes recommends (:class:`scan_core.transforms.SimCLRTransform`), for
+    ``view_scale ** 2`` of the convolution cost per epoch.
+    """
+
+    method: Literal["simclr", "rotnet", "superand"] = "simclr"
 
 
 class NeighborsConfig(StageConfig):
@@ -496,7 +503,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-class SuperANDConfig(SuperANDSettings):
+class SuperANDConfig(PretextTraining, SuperANDSettings):
     """Super-AND embedding learning (stage 1 of Han et al. 2020; :mod:`scan_core.superand`).
 
     Official settings (CIFAR-10, ``super_and.py``): 5 rounds of 200 epochs, batch 128, SGD
@@ -508,21 +515,11 @@ class SuperANDConfig(SuperANDSettings):
     the others are those a pretext stage has (:meth:`PipelineConfig.superand_config`).
     """
 
-    backbone: BackboneName = "small_cnn"
-    feature_dim: int = Field(128, ge=2)
+    # the official values where they differ from SimCLR's
     epochs: int = Field(1000, ge=1)
     batch_size: int = Field(128, ge=2)
     lr: float = Field(0.03, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
-    temperature: float = Field(0.1, gt=0)
-    crop_scale_min: float = Field(0.2, gt=0, le=1)
-    color_jitter: float = Field(0.4, ge=0, le=1)
-    view_scale: float = Field(1.0, gt=0, le=1)
-    augment: PretextAugment = "photo"
-    seed: int = 0
-    device: Device = "auto"
-    precision: Precision = "auto"
 
     @model_validator(mode="after")
     def _check_rounds(self) -> SuperANDConfig:

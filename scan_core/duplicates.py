@@ -201,11 +201,28 @@ def _empty_pairs() -> HashPairs:
     return HashPairs(empty, empty.copy(), np.empty(0, dtype=np.int32))
 
 
+def binary_index(bits: int, max_hamming: int) -> faiss.IndexBinary:
+    """An index whose range search finds every code within ``max_hamming`` bits.
+
+    Multi-index hashing (``IndexBinaryMultiHash``) with ``max_hamming + 1`` disjoint substrings
+    of the code: two codes that differ in at most ``max_hamming`` bits agree exactly on at least
+    one substring (pigeonhole), so looking up each substring's bucket finds every such pair, and
+    only codes that share a bucket are compared: close to linear in N, where comparing every
+    pair (``IndexBinaryFlat``) is quadratic. Substrings shorter than 8 bits make buckets too
+    crowded to help; then the flat index is used.
+    """
+    substrings = max_hamming + 1
+    width = bits // substrings
+    if width < 8:
+        return faiss.IndexBinaryFlat(bits)
+    return faiss.IndexBinaryMultiHash(bits, substrings, min(width, 32))
+
+
 def hash_pairs(hashes: np.ndarray, max_hamming: int) -> HashPairs:
     """Every unordered pair of rows whose hashes differ in at most ``max_hamming`` bits.
 
-    A faiss ``IndexBinaryFlat`` range search (popcounts in compiled code, batched by faiss) finds
-    the pairs; Python only touches the pairs found.
+    A faiss range search finds the pairs (:func:`binary_index`: multi-index hashing, exact and
+    close to linear in N for small radii); Python only touches the pairs found.
 
     Args:
         hashes: uint8 ``(N, bytes)`` packed hashes (:func:`perceptual_hashes`).
@@ -221,7 +238,7 @@ def hash_pairs(hashes: np.ndarray, max_hamming: int) -> HashPairs:
     if len(hashes) < 2:
         return _empty_pairs()
     codes = np.ascontiguousarray(hashes)
-    index = faiss.IndexBinaryFlat(8 * codes.shape[1])
+    index = binary_index(8 * codes.shape[1], max_hamming)
     index.add(codes)
     # faiss keeps pairs with distance < radius
     lims, distances, found = index.range_search(codes, max_hamming + 1)

@@ -111,21 +111,19 @@ def stream_probabilities(
     return out
 
 
-def assign_fn(
+@task(name="assign", **STAGE_TASK_OPTIONS)
+def assign(
     request: StageRequest,
     model: StageOutput,
     catalog: StageOutput,
     previous: StageOutput | None = None,
 ) -> StageOutput:
-    """Predict clusters with the final model (selflabel's, or scan's when self-labeling is off),
-    under ids matched to ``previous`` (the previous run's assign stage, part of the stage key).
-
-    ``request.config``: ``device``, ``batch_size``, ``registered_model`` (name to register the
-    model under; empty to skip registration) and ``lake`` (the lake URL, where the served model
-    may read ``uri`` inputs). The registered version gets no alias here: the flow promotes the
-    committed version after evaluation. A run that loses the commit to a concurrent one
-    (:meth:`tasks.stage.StageRun.finish`) tags the version it registered ``promoted=false``.
-    """
+    """Predict clusters with the final model under ids matched to ``previous`` (the previous
+    run's assign stage, part of the stage key). ``request.config``: ``device``, ``batch_size``,
+    ``registered_model`` (name to register the model under; empty to skip) and ``lake`` (where
+    the served model may read ``uri`` inputs). The version gets no alias here: the flow promotes
+    it after evaluation. A run that loses the commit to a concurrent one
+    (:meth:`tasks.stage.StageRun.finish`) tags the version it registered ``promoted=false``."""
     own: dict[str, str] = {}  # MLflow run id -> version registered by this call
 
     def body(run: StageRun) -> dict[str, Any]:
@@ -134,13 +132,9 @@ def assign_fn(
         table = read_catalog(run.workspace, catalog)
         ids = unique_ids(table)
         network = checkpoints.load_clustering_model(run.workspace, model.rel_dir)
+        batch, device = int(request.config.get("batch_size", 1024)), request.config.get("device")
         probabilities = stream_probabilities(
-            run,
-            network,
-            ids,
-            catalog,
-            int(request.config.get("batch_size", 1024)),
-            str(request.config.get("device", "auto")),
+            run, network, ids, catalog, batch, str(device or "auto")
         )
         num_clusters = probabilities.shape[1]
         before = image_clusters(run.workspace, previous) if previous is not None else None
@@ -157,30 +151,14 @@ def assign_fn(
         cluster_ids = match.sorted_ids
         now = dict(zip(ids, cluster_ids[probabilities.argmax(axis=1)].tolist(), strict=True))
         lineage = _lineage(run, before, now, cluster_ids.tolist(), previous, match)
-
-        position = {image_id: i for i, image_id in enumerate(ids)}
-        rows = np.array([position[i] for i in table["image_id"].to_pylist()], dtype=np.int64)
-        per_object = probabilities[rows]
-        values = pa.FixedSizeListArray.from_arrays(
-            pa.array(per_object.reshape(-1).astype(np.float32)), num_clusters
-        ).cast(pa.list_(pa.float32()))
-        assignments = pa.table(
-            {
-                "image_id": table["image_id"],
-                "uri": table["uri"],
-                "cluster": pa.array(cluster_ids[per_object.argmax(axis=1)].astype(np.int32)),
-                "confidence": pa.array(per_object.max(axis=1).astype(np.float32)),
-                "probabilities": values,
-            },
-            schema=ASSIGNMENTS,
-        )
+        assignments, per_object = _assignments_table(table, ids, probabilities, cluster_ids)
         run.write_table(ASSIGNMENTS_FILE, assignments)
         run.write_bytes(checkpoints.CHECKPOINT, checkpoints.state_bytes(network))
         description = run.workspace.read_json(f"{model.rel_dir}/{checkpoints.DESCRIPTION}")
         run.write_json(checkpoints.DESCRIPTION, description)
         sizes = np.bincount(per_object.argmax(axis=1), minlength=num_clusters)
         summary: dict[str, Any] = {
-            "objects": len(rows),
+            "objects": len(per_object),
             "images": len(ids),
             "cluster_sizes": sizes.tolist(),
             "cluster_ids": cluster_ids.tolist(),
@@ -190,11 +168,9 @@ def assign_fn(
             "guard_kept": model.summary.get("kept") if model.stage == "guard" else None,
             "lineage": lineage,
         }
+        empty = float((sizes == 0).sum())
         run.log_metrics(
-            {
-                "assign/mean_confidence": summary["mean_confidence"],
-                "assign/empty_clusters": float((sizes == 0).sum()),
-            }
+            {"assign/mean_confidence": summary["mean_confidence"], "assign/empty_clusters": empty}
         )
         name = str(request.config.get("registered_model") or "")
         if name and request.tracking is not None and run.run_id is not None:
@@ -203,35 +179,61 @@ def assign_fn(
                 image=image_config,
                 lake=str(request.config.get("lake") or ""),
             )
+            example = load_pixels(run.workspace, config_key, ids[:1], image_config)[0]
             summary["registered_model"] = name
             summary["model_version"] = serving.log_servable_model(
-                request.tracking,
-                run.run_id,
-                network,
-                description,
-                served,
-                png_bytes(load_pixels(run.workspace, config_key, ids[:1], image_config)[0]),
-                name,
+                request.tracking, run.run_id, network, description, served, png_bytes(example), name
             )
             own[run.run_id] = summary["model_version"]
         return summary
 
     output = run_stage(request, body)
-    lost = {run_id: v for run_id, v in own.items() if run_id != output.run_id}
-    if request.tracking is not None and lost:
-        name = str(request.config.get("registered_model"))
-        for version in lost.values():
-            tracking.set_version_tags(
-                request.tracking,
-                name,
-                version,
-                {
-                    "promoted": "false",
-                    "promotion.reason": "another run committed this assign stage first; its "
-                    f"model version {output.summary.get('model_version')} is the one in use",
-                },
-            )
+    _untag_lost_versions(request, output, own)
     return output
+
+
+def _assignments_table(
+    table: pa.Table, ids: list[str], probabilities: np.ndarray, cluster_ids: np.ndarray
+) -> tuple[pa.Table, np.ndarray]:
+    """The assignments of every catalog row (object) and their ``(objects, k)`` probabilities,
+    from the probabilities of the unique images ``ids`` (columns in ``cluster_ids`` order)."""
+    position = {image_id: i for i, image_id in enumerate(ids)}
+    rows = np.array([position[i] for i in table["image_id"].to_pylist()], dtype=np.int64)
+    per_object = probabilities[rows]
+    values = pa.FixedSizeListArray.from_arrays(
+        pa.array(per_object.reshape(-1).astype(np.float32)), probabilities.shape[1]
+    ).cast(pa.list_(pa.float32()))
+    assignments = pa.table(
+        {
+            "image_id": table["image_id"],
+            "uri": table["uri"],
+            "cluster": pa.array(cluster_ids[per_object.argmax(axis=1)].astype(np.int32)),
+            "confidence": pa.array(per_object.max(axis=1).astype(np.float32)),
+            "probabilities": values,
+        },
+        schema=ASSIGNMENTS,
+    )
+    return assignments, per_object
+
+
+def _untag_lost_versions(request: StageRequest, output: StageOutput, own: dict[str, str]) -> None:
+    """Tag ``promoted=false`` the model versions this call registered for a stage run that lost
+    the commit to a concurrent one."""
+    lost = {run_id: v for run_id, v in own.items() if run_id != output.run_id}
+    if request.tracking is None or not lost:
+        return
+    name = str(request.config.get("registered_model"))
+    for version in lost.values():
+        tracking.set_version_tags(
+            request.tracking,
+            name,
+            version,
+            {
+                "promoted": "false",
+                "promotion.reason": "another run committed this assign stage first; its "
+                f"model version {output.summary.get('model_version')} is the one in use",
+            },
+        )
 
 
 def _lineage(
@@ -289,14 +291,3 @@ def _lineage(
     if ref is not None and run.run_id is not None:
         tracking.log_table(ref, run.run_id, rows, "cluster_lineage.json")
     return summary
-
-
-@task(name="assign", **STAGE_TASK_OPTIONS)
-def assign(
-    request: StageRequest,
-    model: StageOutput,
-    catalog: StageOutput,
-    previous: StageOutput | None = None,
-) -> StageOutput:
-    """Assign stage task (cached on the assign key)."""
-    return assign_fn(request, model, catalog, previous)

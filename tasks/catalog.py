@@ -25,7 +25,8 @@ def read_catalog(workspace: Storage, catalog: StageOutput) -> pa.Table:
     return workspace.read_table(f"{catalog.rel_dir}/{CATALOG_FILE}", schema=CATALOG)
 
 
-def catalog_fn(request: StageRequest, listing: str) -> StageOutput:
+@task(name="catalog", **STAGE_TASK_OPTIONS)
+def catalog(request: StageRequest, listing: str) -> StageOutput:
     """Split the lake snapshot ``listing`` into the catalog and quarantine tables.
 
     ``request.config`` carries ``image`` (the ImageConfig dict) and ``image_config_key``.
@@ -76,9 +77,3 @@ def catalog_fn(request: StageRequest, listing: str) -> StageOutput:
         }
 
     return run_stage(request, body)
-
-
-@task(name="catalog", **STAGE_TASK_OPTIONS)
-def catalog(request: StageRequest, listing: str) -> StageOutput:
-    """Catalog stage task (cached on the catalog key)."""
-    return catalog_fn(request, listing)

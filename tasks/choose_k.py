@@ -48,7 +48,8 @@ def _vectors_and_neighbors(
     return _inputs[key]
 
 
-def score_k_fn(
+@task(name="score-k", **STAGE_TASK_OPTIONS)
+def score_k(
     shard: int,
     workspace: str,
     embed: StageOutput,
@@ -64,19 +65,8 @@ def score_k_fn(
     return {"pid": os.getpid(), "criteria": criteria, "prediction": prediction}
 
 
-@task(name="score-k", **STAGE_TASK_OPTIONS)
-def score_k(
-    shard: int,
-    workspace: str,
-    embed: StageOutput,
-    neighbors: StageOutput,
-    config: dict[str, Any],
-) -> dict[str, Any]:
-    """One k of the choose_k stage, on whichever worker the engine picks (:mod:`tasks.parallel`)."""
-    return score_k_fn(shard, workspace, embed, neighbors, config)
-
-
-def choose_k_fn(request: StageRequest, embed: StageOutput, neighbors: StageOutput) -> StageOutput:
+@task(name="choose_k", **STAGE_TASK_OPTIONS)
+def choose_k(request: StageRequest, embed: StageOutput, neighbors: StageOutput) -> StageOutput:
     """Score every k of ``cluster_count.k_min .. k_max`` (one k per shard, fanned out on the
     run's engine) and choose one; write the curves (``cluster_count.json``) and their plot
     (``cluster_count.png``), both also to MLflow."""
@@ -117,9 +107,3 @@ def choose_k_fn(request: StageRequest, embed: StageOutput, neighbors: StageOutpu
         return {**curves, "plot": PLOT_FILE, "images": len(vectors)}
 
     return run_stage(request, body)
-
-
-@task(name="choose_k", **STAGE_TASK_OPTIONS)
-def choose_k(request: StageRequest, embed: StageOutput, neighbors: StageOutput) -> StageOutput:
-    """Choose-k stage task (cached on its key: the cluster_count settings and the neighbours)."""
-    return choose_k_fn(request, embed, neighbors)

@@ -226,7 +226,8 @@ def _kmeans(
     }
 
 
-def scan_fn(
+@task(name="scan", **STAGE_TASK_OPTIONS)
+def scan(
     request: StageRequest,
     pretext: StageOutput,
     neighbors: StageOutput,
@@ -263,16 +264,3 @@ def scan_fn(
         raise ValueError(f"unknown clustering method {method!r}")
 
     return run_stage(request, body)
-
-
-@task(name="scan", **STAGE_TASK_OPTIONS)
-def scan(
-    request: StageRequest,
-    pretext: StageOutput,
-    neighbors: StageOutput,
-    catalog: StageOutput,
-    init: StageOutput | None = None,
-    embed: StageOutput | None = None,
-) -> StageOutput:
-    """Clustering stage task (cached on the stage key)."""
-    return scan_fn(request, pretext, neighbors, catalog, init, embed)

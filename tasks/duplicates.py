@@ -144,7 +144,8 @@ def aligned_embeddings(workspace: Storage, embed: StageOutput, ids: list[str]) -
     return np.asarray(vectors[[row[i] for i in ids]], dtype=np.float32)
 
 
-def duplicates_fn(request: StageRequest, catalog: StageOutput, embed: StageOutput) -> StageOutput:
+@task(name="duplicates", **STAGE_TASK_OPTIONS)
+def duplicates(request: StageRequest, catalog: StageOutput, embed: StageOutput) -> StageOutput:
     """Find exact and near duplicates; write the report."""
 
     def body(run: StageRun) -> dict[str, Any]:
@@ -177,9 +178,3 @@ def duplicates_fn(request: StageRequest, catalog: StageOutput, embed: StageOutpu
         return {**counts, "thresholds": config.model_dump(mode="json")}
 
     return run_stage(request, body)
-
-
-@task(name="duplicates", **STAGE_TASK_OPTIONS)
-def duplicates(request: StageRequest, catalog: StageOutput, embed: StageOutput) -> StageOutput:
-    """Duplicates stage task (cached on the duplicates key)."""
-    return duplicates_fn(request, catalog, embed)

@@ -144,7 +144,8 @@ def _pretext_model(workspace: Storage, rel_dir: str) -> Any:
     return _models[key]
 
 
-def embed_shard_fn(
+@task(name="embed-shard", **STAGE_TASK_OPTIONS)
+def embed_shard(
     shard: EmbedShard,
     workspace: str,
     pretext_key: str,
@@ -171,31 +172,8 @@ def embed_shard_fn(
     return {"pid": os.getpid(), "file": rel, "images": len(shard.ids)}
 
 
-@task(name="embed-shard", **STAGE_TASK_OPTIONS)
-def embed_shard(
-    shard: EmbedShard,
-    workspace: str,
-    pretext_key: str,
-    pretext_dir: str,
-    image_config: dict[str, Any],
-    image_config_key: str,
-    device: str,
-    batch_size: int,
-) -> dict[str, Any]:
-    """One embedding shard, on whichever worker the engine picks (:mod:`tasks.parallel`)."""
-    return embed_shard_fn(
-        shard,
-        workspace,
-        pretext_key,
-        pretext_dir,
-        image_config,
-        image_config_key,
-        device,
-        batch_size,
-    )
-
-
-def embed_fn(request: StageRequest, pretext: StageOutput, catalog: StageOutput) -> StageOutput:
+@task(name="embed", **STAGE_TASK_OPTIONS)
+def embed(request: StageRequest, pretext: StageOutput, catalog: StageOutput) -> StageOutput:
     """Embed the catalog's unique images with the pretext model, reusing stored embeddings:
     the missing ones in shards fanned out on the run's engine (:func:`tasks.parallel.fan_out`),
     then one table in the catalog's order."""
@@ -242,9 +220,3 @@ def embed_fn(request: StageRequest, pretext: StageOutput, catalog: StageOutput) 
         return counts
 
     return run_stage(request, body)
-
-
-@task(name="embed", **STAGE_TASK_OPTIONS)
-def embed(request: StageRequest, pretext: StageOutput, catalog: StageOutput) -> StageOutput:
-    """Embed stage task (cached on the embed key)."""
-    return embed_fn(request, pretext, catalog)

@@ -66,7 +66,8 @@ def read_partitions(workspace: Storage, guard: StageOutput, ids: list[str]) -> p
 CRITERION = "knn_modularity"
 
 
-def guard_fn(
+@task(name="guard", **STAGE_TASK_OPTIONS)
+def guard(
     request: StageRequest,
     model: StageOutput,
     pretext: StageOutput,
@@ -145,16 +146,3 @@ def guard_fn(
         }
 
     return run_stage(request, body)
-
-
-@task(name="guard", **STAGE_TASK_OPTIONS)
-def guard(
-    request: StageRequest,
-    model: StageOutput,
-    pretext: StageOutput,
-    embed: StageOutput,
-    neighbors: StageOutput,
-    catalog: StageOutput,
-) -> StageOutput:
-    """Guard stage task (cached on the guard key)."""
-    return guard_fn(request, model, pretext, embed, neighbors, catalog)

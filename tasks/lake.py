@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
@@ -175,8 +175,38 @@ def _blank_row(obj: ObjectInfo) -> dict[str, Any]:
     }
 
 
-def scan_lake_fn(lake_url: str, workspace_url: str, image_config: dict[str, Any]) -> LakeSnapshot:
-    """List and fingerprint the lake, decode new images into the pixel store, write a snapshot.
+def _plan_reads(
+    objects: list[ObjectInfo],
+    previous: dict[str, dict[str, Any]],
+    have_pixels: set[str],
+    max_bytes: int,
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The index rows known without reading (refused objects; unchanged ones whose pixels are
+    stored) and the keys to read."""
+    rows: dict[str, dict[str, Any]] = {}
+    to_read: list[str] = []
+    for obj in objects:
+        old = previous.get(obj.key)
+        refused = refusal(obj, max_bytes)
+        if refused is not None:
+            rows[obj.key] = {**_blank_row(obj), "reason": refused}
+        elif (
+            old is not None
+            and old["size"] == obj.size
+            and old["version"] == obj.version
+            and old["reason"] != DENIED  # read again: the access may have been granted since
+            and (old["reason"] is not None or old["image_id"] in have_pixels)
+        ):
+            rows[obj.key] = old
+        else:
+            to_read.append(obj.key)
+    return rows, to_read
+
+
+@task(name="scan-lake", persist_result=False, cache_policy=NO_CACHE)
+def scan_lake(lake_url: str, workspace_url: str, image_config: dict[str, Any]) -> LakeSnapshot:
+    """List and fingerprint the lake, decode new images into the pixel store, write a snapshot
+    (a task that always runs; the storage module retries transient faults, the task does not).
 
     Raises:
         ScanLakeError: unreachable lake or workspace, a lake without objects.
@@ -194,24 +224,7 @@ def scan_lake_fn(lake_url: str, workspace_url: str, image_config: dict[str, Any]
     previous = previous_index(workspace, index_path(lake))
     have_pixels = pixels.stored_ids(workspace, config_key)
 
-    rows: dict[str, dict[str, Any]] = {}
-    to_read: list[str] = []
-    for obj in objects:
-        old = previous.get(obj.key)
-        refused = refusal(obj, settings.max_object_bytes)
-        if refused is not None:
-            rows[obj.key] = {**_blank_row(obj), "reason": refused}
-        elif (
-            old is not None
-            and old["size"] == obj.size
-            and old["version"] == obj.version
-            and old["reason"] != DENIED  # read again: the access may have been granted since
-            and (old["reason"] is not None or old["image_id"] in have_pixels)
-        ):
-            rows[obj.key] = old
-        else:
-            to_read.append(obj.key)
-
+    rows, to_read = _plan_reads(objects, previous, have_pixels, settings.max_object_bytes)
     sizes = {o.key: o for o in objects}
     shards = chunks([sizes[k] for k in to_read], settings.shard_images)
     results = fan_out(
@@ -273,7 +286,8 @@ def scan_lake_fn(lake_url: str, workspace_url: str, image_config: dict[str, Any]
     return snapshot
 
 
-def decode_shard_fn(
+@task(name="decode-shard", persist_result=False, cache_policy=NO_CACHE)
+def decode_shard(
     shard: list[ObjectInfo],
     lake_url: str,
     workspace_url: str,
@@ -314,31 +328,6 @@ def decode_shard_fn(
         name = hashlib.sha256("\n".join([config_key, *new_ids]).encode()).hexdigest()[:32]
         pixels.write_shard(workspace, config_key, new_ids, new_pixels, name=name)
     return {"pid": os.getpid(), "rows": rows, "decoded": len(new_ids)}
-
-
-@task(name="decode-shard", persist_result=False, cache_policy=NO_CACHE)
-def decode_shard(
-    shard: list[ObjectInfo],
-    lake_url: str,
-    workspace_url: str,
-    image_config: dict[str, Any],
-    known: set[str],
-) -> dict[str, Any]:
-    """One shard of the lake scan, on whichever worker the engine picks (:mod:`tasks.parallel`)."""
-    return decode_shard_fn(shard, lake_url, workspace_url, image_config, known)
-
-
-@task(
-    name="scan-lake",
-    persist_result=False,
-    cache_policy=NO_CACHE,
-)
-def scan_lake(lake_url: str, workspace_url: str, image_config: dict[str, Any]) -> LakeSnapshot:
-    """Prefect task around :func:`scan_lake_fn` (always runs; the storage module retries
-    transient faults, the task does not)."""
-    snapshot = scan_lake_fn(lake_url, workspace_url, image_config)
-    get_run_logger().info("lake scan: %s", snapshot.summary())
-    return snapshot
 
 
 def unique_ids(table: pa.Table) -> list[str]:

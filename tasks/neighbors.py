@@ -48,7 +48,8 @@ def read_neighbor_indices(
     return ids, I.reshape(len(ids), k)
 
 
-def neighbors_fn(request: StageRequest, embed: StageOutput) -> StageOutput:
+@task(name="mine_neighbors", **STAGE_TASK_OPTIONS)
+def neighbors(request: StageRequest, embed: StageOutput) -> StageOutput:
     """Mine neighbours on the embeddings of ``embed``; write the neighbours table."""
 
     def body(run: StageRun) -> dict[str, Any]:
@@ -88,9 +89,3 @@ def neighbors_fn(request: StageRequest, embed: StageOutput) -> StageOutput:
         return {"k": k, "images": n, "index": result.index_kind, **stats}
 
     return run_stage(request, body)
-
-
-@task(name="mine_neighbors", **STAGE_TASK_OPTIONS)
-def neighbors(request: StageRequest, embed: StageOutput) -> StageOutput:
-    """Neighbour mining stage task (cached on the neighbours key)."""
-    return neighbors_fn(request, embed)

@@ -74,7 +74,8 @@ def train(images: Any, config: PretextSettings, run: StageRun) -> PretextResult:
     return train_pretext(images, config, progress=run.on_epoch)
 
 
-def pretext_fn(request: StageRequest, catalog: StageOutput) -> StageOutput:
+@task(name="pretext", **STAGE_TASK_OPTIONS)
+def pretext(request: StageRequest, catalog: StageOutput) -> StageOutput:
     """Train the pretext model on the unique images of ``catalog``; save the checkpoint."""
 
     def body(run: StageRun) -> dict[str, Any]:
@@ -101,12 +102,6 @@ def pretext_fn(request: StageRequest, catalog: StageOutput) -> StageOutput:
         }
 
     return run_stage(request, body)
-
-
-@task(name="pretext", **STAGE_TASK_OPTIONS)
-def pretext(request: StageRequest, catalog: StageOutput) -> StageOutput:
-    """Pretext stage task (cached on the pretext key)."""
-    return pretext_fn(request, catalog)
 
 
 class PretextPlan(BaseModel):

@@ -25,7 +25,8 @@ from tasks.pixels import load_pixels
 from tasks.stage import STAGE_TASK_OPTIONS, StageOutput, StageRequest, StageRun, run_stage
 
 
-def selflabel_fn(
+@task(name="selflabel", **STAGE_TASK_OPTIONS)
+def selflabel(
     request: StageRequest, scan: StageOutput, catalog: StageOutput, neighbors: StageOutput
 ) -> StageOutput:
     """Fine-tune the SCAN model on its pseudo-labels; save it; say whether to keep it."""
@@ -78,11 +79,3 @@ def selflabel_fn(
         }
 
     return run_stage(request, body)
-
-
-@task(name="selflabel", **STAGE_TASK_OPTIONS)
-def selflabel(
-    request: StageRequest, scan: StageOutput, catalog: StageOutput, neighbors: StageOutput
-) -> StageOutput:
-    """Step 4 stage task (cached on the selflabel key)."""
-    return selflabel_fn(request, scan, catalog, neighbors)

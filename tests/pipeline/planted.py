@@ -171,10 +171,10 @@ def _read_index(ctx: Context, rel: str) -> Any:
 
 
 def _read_listing(ctx: Context, rel: str) -> Any:
-    from tasks.lake import scan_lake_fn
+    from tasks.lake import scan_lake
     from tasks.schemas import LISTING
 
-    snapshot = scan_lake_fn(ctx.lake, ctx.ws.url, ctx.image_config.model_dump())
+    snapshot = scan_lake.fn(ctx.lake, ctx.ws.url, ctx.image_config.model_dump())
     assert snapshot.listing == rel
     ctx.ws.read_table(rel, schema=LISTING)  # recomputed: written again by the scan
     return "written again by the lake scan"

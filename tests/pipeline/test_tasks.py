@@ -14,7 +14,7 @@ from tasks import keys
 from tasks.catalog import catalog
 from tasks.config import build_config, parse_overrides
 from tasks.errors import ScanLakeError
-from tasks.lake import LakeSnapshot, scan_lake_fn
+from tasks.lake import LakeSnapshot, scan_lake
 from tasks.pixels import load_pixels
 from tasks.stage import StageRequest
 from tasks.storage import Storage
@@ -36,18 +36,18 @@ def test_scan_quarantines_and_rereads_only_changed_objects(
     workspace = str(tmp_path / "ws")
     Storage(workspace).check_reachable(create=True)
     config = ImageConfig().model_dump(mode="json")
-    first = scan_lake_fn(str(lake), workspace, config)
+    first = scan_lake.fn(str(lake), workspace, config)
     assert (first.num_objects, first.num_unique, first.num_quarantined) == (13, 10, 2)
     assert first.num_read == 13 and first.num_decoded == 10 and first.has_labels
-    again = scan_lake_fn(str(lake), workspace, config)
+    again = scan_lake.fn(str(lake), workspace, config)
     assert again.num_read == 0
     assert again.catalog_key == first.catalog_key and again.images_key == first.images_key
     (lake / lake_key(3)).write_bytes(encode_png(fashion[0][50]))  # new content, same key
-    changed = scan_lake_fn(str(lake), workspace, config)
+    changed = scan_lake.fn(str(lake), workspace, config)
     assert changed.num_read == 1 and changed.num_decoded == 1
     assert changed.images_key != first.images_key
     # another image config decodes everything again into its own pixel store
-    bigger = scan_lake_fn(str(lake), workspace, {**config, "size": 32})
+    bigger = scan_lake.fn(str(lake), workspace, {**config, "size": 32})
     assert bigger.num_decoded == 10 and bigger.image_config_key != first.image_config_key
 
 
@@ -55,7 +55,7 @@ def test_catalog_task_writes_tables_and_reuses_its_manifest(lake: Path, tmp_path
     workspace = str(tmp_path / "ws")
     Storage(workspace).check_reachable(create=True)
     image_config = ImageConfig()
-    snapshot: LakeSnapshot = scan_lake_fn(str(lake), workspace, image_config.model_dump())
+    snapshot: LakeSnapshot = scan_lake.fn(str(lake), workspace, image_config.model_dump())
     request = StageRequest(
         stage="catalog",
         key=snapshot.catalog_key,
@@ -137,4 +137,4 @@ def test_validate_request_refuses_impossible_runs() -> None:
 def test_empty_lake_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "lake").mkdir()
     with pytest.raises(ScanLakeError, match="holds no objects"):
-        scan_lake_fn(str(tmp_path / "lake"), str(tmp_path / "ws"), ImageConfig().model_dump())
+        scan_lake.fn(str(tmp_path / "lake"), str(tmp_path / "ws"), ImageConfig().model_dump())

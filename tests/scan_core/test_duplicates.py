@@ -3,6 +3,7 @@ and their edited copies, pair finding against brute force, the embeddings' secon
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 from PIL import Image
@@ -12,6 +13,7 @@ from scan_core.config import DuplicatesConfig, ImageConfig
 from scan_core.data import encode_png, load_fashion_mnist
 from scan_core.duplicates import (
     Fingerprints,
+    binary_index,
     fingerprints,
     hamming_distances,
     hash_pairs,
@@ -131,7 +133,11 @@ def test_hash_pairs_match_brute_force() -> None:
         flip[rng.choice(64, size=int(rng.integers(0, 6)), replace=False)] = True
         hashes[i + 1] = hashes[i] ^ np.packbits(flip)
     full = hamming_distances(hashes[:, None], hashes[None])
-    for radius in (0, 3, 5, 20):
+    # radii up to 7 use multi-index hashing (8-bit substrings or wider), larger ones the flat
+    # index: both must find exactly the brute-force pairs
+    assert isinstance(binary_index(64, 4), faiss.IndexBinaryMultiHash)
+    assert isinstance(binary_index(64, 8), faiss.IndexBinaryFlat)
+    for radius in (0, 1, 3, 4, 5, 7, 8, 20):
         pairs = hash_pairs(hashes, radius)
         expected = sorted(
             (i, j) for i in range(300) for j in range(i + 1, 300) if full[i, j] <= radius
