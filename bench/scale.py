@@ -94,6 +94,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/scale.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
+from flows.pipeline import STAGES  # noqa: E402 (after the path above)
+
 DEFAULT_SIZES = (10_000, 100_000, 1_000_000)
 CLUSTERS = 10
 #: The ``scan-lake run`` option that starts a local Dask cluster of that many worker processes.
@@ -148,20 +150,7 @@ SETTINGS: dict[str, Any] = {
     "growth.warm_start": False,
 }
 
-#: Pipeline stages in flow order (flows/pipeline.py), then the parts of a run outside them.
-STAGES = (
-    "catalog",
-    "pretext",
-    "embed",
-    "mine_neighbors",
-    "duplicates",
-    "choose_k",
-    "scan",
-    "selflabel",
-    "guard",
-    "assign",
-    "evaluate",
-)
+#: The parts of a run outside the pipeline stages (``flows.pipeline.STAGES``).
 EXTRA_PARTS = ("lake_scan", "other", "startup")
 
 
