@@ -22,6 +22,7 @@ from rich.table import Table
 
 from deployments.scan_lake import DEFAULT_CRON, DEPLOYMENT_NAME
 from tasks.errors import ScanLakeError, stage_of, user_error
+from tasks.parallel import engine_sentence
 from tasks.settings import MachineSettings, prepare_environment
 from tasks.storage import Storage
 
@@ -240,6 +241,7 @@ def _report(result: dict[str, Any], settings: MachineSettings, seconds: float) -
         f"{counts['quarantined']} quarantined; stages run: "
         f"{', '.join(result['stages_run']) or 'none (all cached)'}; {seconds:.1f} s."
     )
+    console.print(escape(engine_sentence(result.get("parallel"))), soft_wrap=True)
     console.print(f"Assignments: {escape(result['assignments'])}", soft_wrap=True)
     if result.get("gallery"):
         console.print(f"Gallery: {escape(result['gallery'])}", soft_wrap=True)

@@ -320,7 +320,7 @@ def summary_markdown(result: dict[str, Any]) -> str:
         "",
         f"Objects {result['counts']['objects']}, images {result['counts']['images']} "
         f"({result['counts']['unique_images']} unique), quarantined "
-        f"{result['counts']['quarantined']}.",
+        f"{result['counts']['quarantined']}. {parallel.engine_sentence(result.get('parallel'))}",
         "",
         "| stage | cached | seconds |",
         "|---|---|---|",

@@ -259,6 +259,23 @@ def fan_out(
     return results
 
 
+def engine_sentence(described: dict[str, Any] | None) -> str:
+    """One sentence on where a run's parallel work ran (:meth:`Engine.describe`), for the CLI
+    and the run's summary."""
+    if not described:
+        return "Parallel work: not recorded."
+    shards = described.get("shards", 0)
+    if described.get("engine") == "process":
+        return f"Parallel work: {shards} shards in the run's own process (no --workers or --dask)."
+    where = (
+        f"a local Dask cluster of {described.get('workers')} worker processes"
+        if described.get("engine") == "local"
+        else f"the Dask cluster at {described.get('address')} ({described.get('workers')} workers)"
+    )
+    pids = ", ".join(str(p) for p in described.get("worker_pids", [])) or "none (all cached)"
+    return f"Parallel work: {shards} shards on {where}; processes {pids}."
+
+
 def chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
     """``items`` in consecutive lists of at most ``size`` (the last one shorter)."""
     if size < 1:

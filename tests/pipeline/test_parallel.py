@@ -17,7 +17,7 @@ import pytest
 
 from tasks.config import build_config
 from tasks.errors import ScanLakeError
-from tasks.parallel import requested
+from tasks.parallel import engine_sentence, requested
 from tests.pipeline.conftest import TINY_CONFIG, lake_contents, write_local
 
 pytestmark = pytest.mark.integration
@@ -99,6 +99,14 @@ def test_embedding_store_files_are_named_by_content(runs: dict[str, dict[str, An
     assert single == dask and len(single) == 4
     pixels = sorted(p.name for p in (root / "dask" / "pixels").rglob("*.parquet"))
     assert pixels == sorted(p.name for p in (root / "single" / "pixels").rglob("*.parquet"))
+
+
+def test_the_engine_is_told_in_one_sentence(runs: dict[str, dict[str, Any]]) -> None:
+    single = engine_sentence(runs["single"]["parallel"])
+    assert single.startswith("Parallel work: 12 shards in the run's own process")
+    dask = engine_sentence(runs["dask"]["parallel"])
+    assert "12 shards on a local Dask cluster of 2 worker processes" in dask
+    assert all(str(pid) in dask for pid in runs["dask"]["parallel"]["worker_pids"])
 
 
 @pytest.mark.parametrize(
