@@ -6,9 +6,10 @@ Embeddings are also kept in a store per backbone (``embedding-store/<pretext key
 content hash, so when the lake grows and the backbone is reused only new images are embedded. The
 missing images are embedded in shards (:class:`EmbedShard`: the images of one pixel store file, at
 most ``SCAN_LAKE_SHARD_IMAGES``), fanned out on the run's engine (:mod:`tasks.parallel`): one model
-copy per process, one store file per shard named by its content; the stage reads the store back and
-writes the table. Memory: one shard's pixels at a time, and the ``(N, D)`` vectors. Tables read back
-(the stage's, the store's shards) must be embeddings tables (:func:`read_embeddings_table`).
+copy per process, one store file per shard named by its content; the stage reads each store file
+once (the earlier ones before embedding, the new ones after) and writes the table. Memory: one
+shard's pixels at a time, and the ``(N, D)`` vectors. Tables read back (the stage's, the store's
+shards) must be embeddings tables (:func:`read_embeddings_table`).
 """
 
 from __future__ import annotations
@@ -102,10 +103,18 @@ def _store_shards(workspace: Storage, pretext_key: str) -> list[str]:
     return [o.key for o in workspace.list_objects(prefix) if o.key.endswith(".parquet")]
 
 
-def _stored_ids(workspace: Storage, shards: list[str]) -> set[str]:
-    if not shards:
-        return set()
-    return set(read_embeddings_table(workspace, shards)["image_id"].to_pylist())
+def _joined(workspace: Storage, stored: list[str], tables: list[pa.Table]) -> pa.Table:
+    """The store files read before embedding and those the shards wrote, as one table.
+
+    Raises:
+        WorkspaceFileError: the earlier files hold vectors of another size than the new ones.
+    """
+    try:
+        return pa.concat_tables(tables)
+    except pa.ArrowException as exc:
+        raise workspace.bad_file(
+            stored[0], f"holds embeddings of another size than this backbone's ({exc})"
+        ) from exc
 
 
 def plan_shards(
@@ -117,18 +126,9 @@ def plan_shards(
     Raises:
         ScanLakeError: an image is in no pixel store shard.
     """
-    wanted = set(missing)
     plan: list[EmbedShard] = []
-    for path, ids in sorted(pixels.shard_ids(workspace, image_config_key).items()):
-        mine = sorted(wanted.intersection(ids))
-        wanted.difference_update(mine)
-        plan += [EmbedShard(pixels=path, ids=part) for part in chunks(mine, size)]
-    if wanted:
-        raise ScanLakeError(
-            f"{len(wanted)} images (e.g. {next(iter(wanted))[:12]}) are missing from the pixel "
-            f"store {pixels.store_dir(image_config_key)}: delete that folder and rerun the "
-            "pipeline."
-        )
+    for path, mine in pixels.group_by_shard(workspace, image_config_key, missing):
+        plan += [EmbedShard(pixels=path, ids=part) for part in chunks(sorted(mine), size)]
     return plan
 
 
@@ -180,12 +180,14 @@ def embed(request: StageRequest, pretext: StageOutput, catalog: StageOutput) -> 
 
     def body(run: StageRun) -> dict[str, Any]:
         ids = unique_ids(read_catalog(run.workspace, catalog))
-        stored = _stored_ids(run.workspace, _store_shards(run.workspace, pretext.key))
+        stored_files = _store_shards(run.workspace, pretext.key)
+        tables = [read_embeddings_table(run.workspace, stored_files)] if stored_files else []
+        stored = set(tables[0]["image_id"].to_pylist()) if tables else set()
         missing = [i for i in ids if i not in stored]
         config_key = catalog.summary["image_config_key"]
         size = MachineSettings().shard_images
         plan = plan_shards(run.workspace, config_key, missing, size) if missing else []
-        fan_out(
+        written = fan_out(
             embed_shard,
             plan,
             stage="embed",
@@ -199,7 +201,9 @@ def embed(request: StageRequest, pretext: StageOutput, catalog: StageOutput) -> 
             device=str(request.config.get("device", "auto")),
             batch_size=int(request.config.get("batch_size", 1024)),
         )
-        table = read_embeddings_table(run.workspace, _store_shards(run.workspace, pretext.key))
+        if written:  # only the new files: the earlier ones were read above
+            tables.append(read_embeddings_table(run.workspace, [w["file"] for w in written]))
+        table = _joined(run.workspace, stored_files, tables)
         rows = pc.index_in(pa.array(ids, pa.string()), value_set=table["image_id"])
         if rows.null_count:
             raise ScanLakeError(

@@ -133,12 +133,41 @@ def load_pixels(
         if len(found) == len(wanted):
             break
     if len(found) != len(wanted):
-        missing = next(i for i in wanted if i not in found)
-        raise ScanLakeError(
-            f"{len(wanted) - len(found)} images (e.g. {missing[:12]}) are missing from the pixel "
-            f"store {store_dir(image_config_key)}: delete that folder and rerun the pipeline."
-        )
+        raise missing_images(image_config_key, [i for i in wanted if i not in found])
     return torch.from_numpy(out)
+
+
+def missing_images(image_config_key: str, missing: list[str]) -> ScanLakeError:
+    """The one sentence for images the pixel store should hold and does not."""
+    return ScanLakeError(
+        f"{len(missing)} images (e.g. {missing[0][:12]}) are missing from the pixel store "
+        f"{store_dir(image_config_key)}: delete that folder and rerun the pipeline."
+    )
+
+
+def group_by_shard(
+    workspace: Storage, image_config_key: str, ids: list[str]
+) -> list[tuple[str, list[str]]]:
+    """The store shards that hold the images ``ids`` (each image in the first shard, by path,
+    that holds it) with the images each holds, in the shard's order; shards holding none of
+    them are left out.
+
+    Raises:
+        ScanLakeError: an image is in no shard.
+        WorkspaceFileError: a shard is not a pixel store shard.
+    """
+    remaining = set(ids)
+    groups: list[tuple[str, list[str]]] = []
+    for shard, shard_image_ids in sorted(shard_ids(workspace, image_config_key).items()):
+        mine = [i for i in dict.fromkeys(shard_image_ids) if i in remaining]
+        if mine:
+            remaining.difference_update(mine)
+            groups.append((shard, mine))
+        if not remaining:
+            break
+    if remaining:
+        raise missing_images(image_config_key, sorted(remaining))
+    return groups
 
 
 def stream_pixels(
@@ -149,28 +178,15 @@ def stream_pixels(
     holds one shard's pixels, never the whole lake's.
 
     Raises:
-        ScanLakeError: an image is missing from the store (after the last shard).
+        ScanLakeError: an image is missing from the store.
         WorkspaceFileError: a shard is not a pixel store shard.
     """
     position: dict[str, int] = {}
     for row, image_id in enumerate(ids):
         position.setdefault(image_id, row)
-    remaining = set(position)
-    for shard, shard_image_ids in shard_ids(workspace, image_config_key).items():
-        mine = [i for i in dict.fromkeys(shard_image_ids) if i in remaining]
-        if not mine:
-            continue
-        remaining.difference_update(mine)
+    for shard, mine in group_by_shard(workspace, image_config_key, ids):
         rows = np.array([position[i] for i in mine], dtype=np.int64)
         yield rows, load_pixels(workspace, image_config_key, mine, config, [shard])
-        if not remaining:
-            break
-    if remaining:
-        missing = next(iter(remaining))
-        raise ScanLakeError(
-            f"{len(remaining)} images (e.g. {missing[:12]}) are missing from the pixel "
-            f"store {store_dir(image_config_key)}: delete that folder and rerun the pipeline."
-        )
 
 
 def png_bytes(pixels: torch.Tensor) -> bytes:
