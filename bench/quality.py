@@ -6,7 +6,9 @@ Rows (methods), each a mean and std over seeds:
 * ``pretext_kmeans``  K-means on the SimCLR pretext embeddings (SCAN Table 1, first row),
 * ``scan``            SCAN loss on mined neighbours (SCAN step 3),
 * ``scan_selflabel``  SCAN + self-labeling (SCAN step 4),
-* ``rotnet_scan_selflabel`` (with ``--rotnet``) the same with a RotNet pretext (SCAN Table 2),
+* ``<method>_pretext_kmeans``, ``<method>_scan``, ``<method>_scan_selflabel`` (with
+  ``--pretext simclr,<method>``) the same rows with another pretext method of the registry
+  (``scan_core.methods.PRETEXT``: ``rotnet``, SCAN Table 2; ``byol``; ``superand``),
 
 and, with ``--methods``, the rows of the second seed method and beyond (issue 7), all built on
 the same SimCLR pretext model:
@@ -29,6 +31,8 @@ Usage::
     uv run python bench/quality.py --quick       # smoke test: 2,000 images, tiny epochs
     uv run python bench/quality.py --methods twostage,iic,scan_overcluster,auto_k --seeds 1 \
         --reuse-pretext                          # issue 7 rows, merged into the same files
+    uv run python bench/quality.py --methods pretext_kmeans,scan --seeds 1 \
+        --pretext simclr,byol --out bench/results/byol   # BYOL beside SimCLR
 
 Writes ``bench/results/quality.json`` (list of rows) and ``bench/results/quality.md`` after every
 finished seed, so an interrupted run keeps what it measured; a run of some methods replaces those
@@ -73,10 +77,10 @@ from scan_core.evaluation import (
     many_to_one_accuracy,
 )
 from scan_core.inference import compute_embeddings, predict_probabilities
+from scan_core.methods import PRETEXT, pretext_method
 from scan_core.model_selection import choose_num_clusters
 from scan_core.models import backbones
 from scan_core.neighbors import mine_neighbors, neighbor_purity
-from scan_core.pretext import build_pretext_model, train_pretext
 from scan_core.selflabel import train_selflabel
 from scan_core.training import EpochLog
 from scan_core.twostage import train_twostage
@@ -216,22 +220,25 @@ def pretext_for(
     name: str, images: torch.Tensor, config: PipelineConfig, seed: int, reuse: bool
 ) -> Pretext:
     """Train (or, with ``reuse``, load a saved) pretext model, embed every image, mine kNN."""
-    cfg = config.pretext.model_copy(update={"seed": seed, "method": name})
-    # the architecture's source is part of the key: a saved model of an older backbone is not reused
-    architecture = hashlib.sha256(inspect.getsource(backbones).encode()).hexdigest()
+    method = pretext_method(name)
+    cfg = method.settings(config.with_overrides({"pretext.seed": seed, "pretext.method": name}))
+    # the architecture's source is part of the key: a saved model of an older backbone or of an
+    # older network of the method is not reused
+    sources = inspect.getsource(backbones) + inspect.getsource(inspect.getmodule(method.build))
+    architecture = hashlib.sha256(sources.encode()).hexdigest()
     key = f"{cfg.model_dump_json()}|{tuple(images.shape)}|{architecture}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     weights, meta = WORK / f"pretext-{digest}.pt", WORK / f"pretext-{digest}.json"
     reused = reuse and weights.exists() and meta.exists()
     start = time.perf_counter()
     if reused:
-        model = build_pretext_model(cfg, images.shape[1])
+        model = method.build(cfg, images.shape[1])
         model.load_state_dict(torch.load(weights, weights_only=True))
         trained = json.loads(meta.read_text())["train_seconds"]
         print(f"pretext {name} seed {seed}: reused {weights} (trained in {trained:.0f}s)")
     else:
         print(f"pretext {name} seed {seed}: {cfg.epochs} epochs", flush=True)
-        model = train_pretext(images, cfg, progress=epoch_printer(f"seed {seed}")).model
+        model = method.train(images, cfg, epoch_printer(f"seed {seed}")).model
         trained = time.perf_counter() - start
         WORK.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), weights)
@@ -281,7 +288,8 @@ def run_pretext_branch(
         if "pretext_kmeans" in methods:
             start = time.perf_counter()
             pred = kmeans(pre.features, k, n_init=3, seed=seed)
-            add("pretext_kmeans", score(labels, pred, pre.seconds + time.perf_counter() - start))
+            seconds = pre.seconds + time.perf_counter() - start
+            add("pretext_kmeans", score(labels, pred, seconds, neighbor_purity=purity))
 
         if methods & {"scan", "scan_selflabel"}:
             start = time.perf_counter()
@@ -446,7 +454,12 @@ def write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
     ]
     for number, run in enumerate(runs, 1):
         lines += [
-            f"## Run {number}: {', '.join(run['methods'])}",
+            f"## Run {number}: {', '.join(run['methods'])}"
+            + (
+                f" (pretext: {', '.join(run['pretext_methods'])})"
+                if run.get("pretext_methods", ["simclr"]) != ["simclr"]
+                else ""
+            ),
             "",
             f"{run['n_images']:,} images (train + test), {run['clusters']} clusters, device "
             f"`{run['device']}` ({run['cpu']}, {run['threads']} torch threads"
@@ -527,6 +540,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--images", type=int, default=None, help="use the first N images")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument(
+        "--pretext",
+        default="simclr",
+        help="comma-separated pretext methods (" + ", ".join(PRETEXT) + "); rows of methods "
+        "other than simclr are prefixed with the method's name",
+    )
     parser.add_argument("--rotnet", action="store_true", help="add rotnet_scan_selflabel")
     parser.add_argument("--pretext-per-seed", action="store_true")
     parser.add_argument(
@@ -552,6 +571,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     methods = parse_methods(args.methods)
+    pretexts = [m.strip() for m in args.pretext.split(",") if m.strip()]
+    if args.rotnet and "rotnet" not in pretexts:
+        pretexts.append("rotnet")
+    for name in pretexts:
+        if name not in PRETEXT:
+            raise SystemExit(f"unknown pretext method '{name}': choose from {', '.join(PRETEXT)}")
 
     settings = dict(QUICK_SETTINGS if args.quick else FULL_SETTINGS)
     settings.update(parse_overrides(args.overrides))
@@ -580,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     trials: dict[str, list[Trial]] = defaultdict(list)
     run = {
         "methods": sorted(methods, key=(TABLE1 + EXTRA).index),
+        "pretext_methods": pretexts,
         "n_images": len(y),
         "clusters": k,
         "device": device_name,
@@ -626,12 +652,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kmeans_raw seed {seed}: acc {trials['kmeans_raw'][-1].acc:.4f}", flush=True)
         checkpoint()
 
-    if methods - {"kmeans_raw"}:
-        run_pretext_branch("simclr", images, y, config, seeds, methods, args, trials, checkpoint)
-    if args.rotnet:
-        rot = config.with_overrides({"pretext.method": "rotnet"})
-        rot_methods = methods & {"pretext_kmeans", "scan", "scan_selflabel"}
-        run_pretext_branch("rotnet", images, y, rot, seeds, rot_methods, args, trials, checkpoint)
+    for name in pretexts:
+        if name == "simclr" and methods - {"kmeans_raw"}:
+            branch = config
+            run_pretext_branch(name, images, y, branch, seeds, methods, args, trials, checkpoint)
+        elif name != "simclr":
+            branch = config.with_overrides({"pretext.method": name})
+            own = methods & {"pretext_kmeans", "scan", "scan_selflabel"}
+            run_pretext_branch(name, images, y, branch, seeds, own, args, trials, checkpoint)
     checkpoint()
     for r in json.loads(json_path.read_text()):
         print(

@@ -28,13 +28,14 @@ from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ValidationError
 
-from scan_core.config import PipelineConfig
+from scan_core.config import PipelineConfig, ScanConfig
+from scan_core.methods import clustering_method, pretext_method
 from tasks import keys, parallel, progress, promotion, tracking
 from tasks.assign import ASSIGNMENTS_FILE, assign
 from tasks.auto import image_section, parse_budget, settings_for
 from tasks.catalog import catalog
 from tasks.choose_k import choose_k
-from tasks.clustering import clustering_key, scan, stage_config
+from tasks.clustering import clustering_key, method_settings, scan
 from tasks.config import as_config
 from tasks.duplicates import duplicates
 from tasks.embed import embed
@@ -232,14 +233,6 @@ def growth_markdown(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-METHOD_NAMES = {
-    "scan": "SCAN",
-    "twostage": "two-stage (Han et al. 2020: IIC + consistency-preserving loss, Norm-FC heads)",
-    "iic": "IIC",
-    "kmeans": "K-means on the pretext embeddings",
-}
-
-
 def overclustering_line(metrics: dict[str, float]) -> str | None:
     """The many-to-one sentence when there are more clusters than label classes, else None."""
     clusters, classes = metrics.get("num_clusters"), metrics.get("num_classes")
@@ -260,8 +253,8 @@ def clustering_markdown(result: dict[str, Any]) -> list[str]:
     lines = [
         "## Clustering",
         "",
-        f"- Pretext: {info['pretext_method']}; clustering: "
-        f"{METHOD_NAMES.get(info['method'], info['method'])}.",
+        f"- Pretext: {pretext_method(info['pretext_method']).title}; clustering: "
+        f"{clustering_method(info['method']).title}.",
     ]
     auto = info.get("auto")
     if auto is None:
@@ -753,24 +746,24 @@ class _Stages:
         """Step 3: the clustering model (SCAN, warm-started from the last run when the growth
         plan says so, or the configured other method)."""
         pre, emb, nbr, cat = inputs
-        method = cfg.clustering.method
-        if method == "scan":
-            warm = plan.warm_from
-            scan_cfg = warm_scan_config(cfg.scan, cfg.growth) if warm else cfg.scan
-            scan_inputs = {"neighbors": nbr.key, "pretext": pre.key}
-            if warm is not None:
-                scan_inputs["init"] = warm.key
-            key = keys.stage_key("scan", scan_cfg.fingerprint(), scan_inputs)
-            request = self.request("scan", key, scan_cfg.model_dump(mode="json"))
-            return self.run(scan, request, pre, nbr, cat, warm)
-        method_config = stage_config(cfg, cfg.scan.num_clusters)
-        own_inputs = (
-            {"embed": emb.key}
-            if method == "kmeans"
-            else {"pretext": pre.key, "images": self.snapshot.images_key}
-        )
-        request = self.request("scan", clustering_key(method_config, own_inputs), method_config)
-        return self.run(scan, request, pre, nbr, cat, None, emb if method == "kmeans" else None)
+        method = clustering_method(cfg.clustering.method)
+        settings = method_settings(cfg, cfg.scan.num_clusters)
+        warm = plan.warm_from if method.warm_start else None
+        if warm is not None and isinstance(settings, ScanConfig):
+            settings = warm_scan_config(settings, cfg.growth)
+        config = method.stage_config(settings)
+        available = {
+            "neighbors": nbr.key,
+            "pretext": pre.key,
+            "images": self.snapshot.images_key,
+            "embed": emb.key,
+        }
+        key_inputs = {name: available[name] for name in method.key_inputs}
+        if warm is not None:
+            key_inputs["init"] = warm.key
+        request = self.request("scan", clustering_key(config, key_inputs), config)
+        embeddings = emb if "embeddings" in method.needs else None
+        return self.run(scan, request, pre, nbr, cat, warm, embeddings)
 
     def selflabel(
         self,
@@ -784,7 +777,7 @@ class _Stages:
         model that goes on, why step 4 was skipped (if it was) and what it did."""
         method = cfg.clustering.method
         step4: dict[str, Any] = {"method": cfg.selflabel.method, "ran": False, "kept": False}
-        if method != "scan":
+        if not clustering_method(method).self_labels:
             reason = f"self-labeling is SCAN's step 4; clustering.method is {method}"
             return model, {"selflabel": reason}, step4
         if not cfg.selflabel.enabled:
@@ -808,7 +801,7 @@ class _Stages:
     ) -> tuple[StageOutput, dict[str, Any] | None]:
         """The guard: keep the model's partition or K-means' on the same embedding, whichever
         scores better without labels (not for K-means itself, nor when disabled)."""
-        if cfg.clustering.method == "kmeans" or not cfg.guard.enabled:
+        if not clustering_method(cfg.clustering.method).guarded or not cfg.guard.enabled:
             return model, None
         pre, emb, nbr, cat = inputs
         config = {
@@ -884,11 +877,8 @@ def _plan_growth(
     cold for methods other than SCAN and after a run that kept K-means' clusters."""
     method = cfg.clustering.method
     # a method's settings stand in for SCAN's: a change of method or settings starts cold
-    fingerprint = (
-        cfg.scan.fingerprint()
-        if method == "scan"
-        else keys.digest(stage_config(cfg, cfg.scan.num_clusters))
-    )
+    own = method_settings(cfg, cfg.scan.num_clusters).fingerprint()
+    fingerprint = own if method == "scan" else keys.digest(method, own)  # SCAN's as it was
     signature = RunSignature(
         images_key=snapshot.images_key,
         pretext_key=pre.key,
@@ -898,7 +888,7 @@ def _plan_growth(
     )
     plan: GrowthPlan = plan_growth(ws.url, lake.url, signature, cfg.growth.model_dump(mode="json"))
     cold = None
-    if method != "scan" and plan.start == "warm":
+    if not clustering_method(method).warm_start and plan.start == "warm":
         cold = f"warm starts are SCAN's; clustering.method is {method}"
     elif plan.warm_from is not None and plan.warm_from.summary.get("guard_kept") == "kmeans":
         cold = "the last run kept K-means' clusters (the guard), not a SCAN model"

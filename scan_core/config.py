@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -25,6 +25,9 @@ Precision = Literal["auto", "fp32", "bf16"]
 #: ``shape`` = for small greyscale or shape-like images (zoom, shift, blur, brightness; no crop,
 #: no flip), :class:`scan_core.transforms.ShapeTransform`.
 PretextAugment = Literal["photo", "shape"]
+
+
+StageConfigT = TypeVar("StageConfigT", bound="StageConfig")
 
 
 class StageConfig(BaseModel):
@@ -94,7 +97,7 @@ class PretextConfig(PretextTraining):
     ``view_scale ** 2`` of the convolution cost per epoch.
     """
 
-    method: Literal["simclr", "rotnet", "superand"] = "simclr"
+    method: Literal["simclr", "rotnet", "superand", "byol"] = "simclr"
 
 
 class NeighborsConfig(StageConfig):
@@ -316,6 +319,22 @@ class SuperANDSettings(StageConfig):
     ue_warmup_fraction: float = Field(0.4, gt=0, le=1)
 
 
+class BYOLSettings(StageConfig):
+    """The settings of BYOL that a pretext stage does not have (the pipeline's ``byol`` section,
+    used with ``pretext.method = byol``; :class:`BYOLConfig` adds the pretext settings).
+
+    Official (ImageNet, Grill et al. 2020): target momentum 0.996 rising to 1, projector and
+    predictor with 4096 hidden units and 256 outputs (``pretext.feature_dim``), LARS at
+    ``0.2 x batch / 256``. Here the optimiser is the pretext section's SGD, whose learning rate
+    for SimCLR (``pretext.lr``) is too high for BYOL, so BYOL has its own: ``lr`` replaces
+    ``pretext.lr`` (how it was chosen: README, Benchmarks).
+    """
+
+    lr: float = Field(0.05, gt=0)
+    target_momentum: float = Field(0.99, ge=0, lt=1)
+    hidden_dim: int = Field(512, ge=2)
+
+
 class TwoStageSettings(StageConfig):
     """The settings of two-stage / IIC class assignment but the number of clusters (the
     pipeline's ``twostage`` section; the pipeline's number of clusters is ``scan.num_clusters``
@@ -362,6 +381,12 @@ class KMeansConfig(StageConfig):
     max_iter: int = Field(300, ge=1)
     temperature: float = Field(0.1, gt=0)
     seed: int = 0
+
+
+class KMeansClusteringConfig(KMeansConfig):
+    """K-means as the clustering method: the ``kmeans`` section for ``num_clusters`` clusters."""
+
+    num_clusters: int = Field(10, ge=2)
 
 
 class ClusterCountConfig(StageConfig):
@@ -411,6 +436,7 @@ class PipelineConfig(StageConfig):
     duplicates: DuplicatesConfig = DuplicatesConfig()
     clustering: ClusteringConfig = ClusteringConfig()
     superand: SuperANDSettings = SuperANDSettings()
+    byol: BYOLSettings = BYOLSettings()
     twostage: TwoStageSettings = TwoStageSettings()
     kmeans: KMeansConfig = KMeansConfig()
     cluster_count: ClusterCountConfig = ClusterCountConfig()
@@ -447,12 +473,17 @@ class PipelineConfig(StageConfig):
             )
         return self
 
-    def superand_config(self) -> SuperANDConfig:
-        """The Super-AND settings of ``pretext.method = superand``: the ``pretext`` section's
-        (backbone, epochs, batch size, lr, momentum, weight decay, temperature, augmentation,
-        seed, device, precision) with the ``superand`` section's."""
+    def pretext_with(self, section: str, settings: type[StageConfigT]) -> StageConfigT:
+        """A pretext method's settings: the ``pretext`` section's (backbone, epochs, batch size,
+        lr, momentum, weight decay, temperature, augmentation, seed, device, precision) with
+        those of the method's own ``section`` (e.g. ``superand``), as ``settings``."""
         shared = self.pretext.model_dump(exclude={"method"})
-        return SuperANDConfig.model_validate({**shared, **self.superand.model_dump()})
+        own = getattr(self, section).model_dump()
+        return settings.model_validate({**shared, **own})
+
+    def superand_config(self) -> SuperANDConfig:
+        """The Super-AND settings of ``pretext.method = superand`` (:meth:`pretext_with`)."""
+        return self.pretext_with("superand", SuperANDConfig)
 
     def twostage_config(self, num_clusters: int | None = None) -> TwoStageConfig:
         """The ``twostage`` section for ``num_clusters`` clusters (default
@@ -531,6 +562,14 @@ class SuperANDConfig(PretextTraining, SuperANDSettings):
                 "make more anchors than samples; lower anchor_rate or rounds"
             )
         return self
+
+
+class BYOLConfig(PretextTraining, BYOLSettings):
+    """BYOL embedding learning (:mod:`scan_core.byol`): the pretext section's settings with the
+    ``byol`` section's, whose ``lr`` replaces ``pretext.lr`` (:meth:`PipelineConfig.pretext_with`).
+    """
+
+    lr: float = Field(0.05, gt=0)
 
 
 class TwoStageConfig(TwoStageSettings):

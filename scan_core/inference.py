@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scan_core.config import resolve_device
-from scan_core.models import ClusteringModel, PretextModel, SimCLRProjectionHead
+from scan_core.models import ClusteringModel, PretextModel
 from scan_core.transforms import IdentityTransform
 
 BatchProgress = Callable[[int, int], None]
@@ -61,10 +61,11 @@ def compute_embeddings(
     """L2-normalised embeddings ``(N, D)`` float32 of uint8 images ``(N, C, H, W)``.
 
     For SimCLR the official SCAN code mines neighbours on the 128-d projection-head output; for
-    RotNet (whose head predicts rotations) on the backbone features. ``use_head=None`` picks that.
+    RotNet (whose head predicts rotations) on the backbone features. ``use_head=None`` follows
+    the model (:attr:`PretextModel.embeds_with_head`).
     """
     if use_head is None:
-        use_head = isinstance(model.head, SimCLRProjectionHead)
+        use_head = model.embeds_with_head
     model = prepare_model(model, device)  # type: ignore[assignment]
     dev = next(model.parameters()).device
 

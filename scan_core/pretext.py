@@ -6,7 +6,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from scan_core.config import PretextConfig, resolve_device, resolve_precision
 from scan_core.losses import NTXentLoss, RotNetLoss
@@ -35,14 +34,12 @@ class PretextResult:
 
 
 def build_pretext_model(config: PretextConfig, in_channels: int) -> PretextModel:
-    """A randomly initialised pretext model (backbone + SimCLR or RotNet head) for ``config``."""
+    """A randomly initialised pretext model (backbone + SimCLR or RotNet head) for ``config``;
+    RotNet's embedding is the backbone's."""
     backbone = build_backbone(config.backbone, in_channels)
-    head: nn.Module
     if config.method == "simclr":
-        head = SimCLRProjectionHead(backbone.out_dim, config.feature_dim)
-    else:
-        head = RotNetHead(backbone.out_dim)
-    return PretextModel(backbone, head)
+        return PretextModel(backbone, SimCLRProjectionHead(backbone.out_dim, config.feature_dim))
+    return PretextModel(backbone, RotNetHead(backbone.out_dim), embeds_with_head=False)
 
 
 def rotate_batch(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +62,43 @@ def reliable_labels(
         raise ValueError(f"neighbors must be (N, K) with N = {pred.shape[0]}, got {nbr.shape}")
     agree = (pred[nbr] == pred[:, None]).mean(axis=1)
     return np.where(agree >= consistency, pred, -1)
+
+
+def _spice_labels(
+    predictions: np.ndarray, neighbors: np.ndarray | None, config: SelfLabelConfig
+) -> np.ndarray:
+    if neighbors is None:
+        raise ValueError("selflabel.method spice needs the mined neighbours")
+    labels = reliable_labels(predictions, neighbors, config.reliable_consistency)
+    logger.info("spice: %d/%d images have reliable labels", (labels >= 0).sum(), len(labels))
+    return labels
+
+
+#: Labels fixed before training from the starting model's predictions and the mined neighbours
+#: (``-1``: none); the other images are labelled by their confident predictions.
+FixedLabels = Callable[[np.ndarray, "np.ndarray | None", SelfLabelConfig], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Step4Method:
+    """A step-4 method (``selflabel.method``): a name, a title, and the labels it fixes."""
+
+    name: str
+    title: str
+    fixed_labels: FixedLabels | None = None
+
+
+#: The step-4 registry (``selflabel.method``); the method's name is also a literal of
+#: :class:`scan_core.config.SelfLabelConfig`.
+STEP4_METHODS: dict[str, Step4Method] = {
+    m.name: m
+    for m in (
+        Step4Method("selflabel", "SCAN self-labeling (confident predictions)"),
+        Step4Method(
+            "spice", "SPICE reliable labels, then SCAN self-labeling", fixed_labels=_spice_labels
+        ),
+    )
+}
 
 
 @dataclass
@@ -108,12 +146,9 @@ def train_selflabel(
     model = copy.deepcopy(model).to(device).to(memory_format=torch.channels_last)
     n_confident, predictions = count_confident(model, images, config.threshold, device)
     fixed: torch.Tensor | None = None
-    if config.method == "spice":
-        if neighbors is None:
-            raise ValueError("selflabel.method spice needs the mined neighbours")
-        labels = reliable_labels(predictions, neighbors, config.reliable_consistency)
-        fixed = torch.as_tensor(labels)
-        logger.info("spice: %d/%d images have reliable labels", (labels >= 0).sum(), len(labels))
+    rule = STEP4_METHODS[config.method].fixed_labels
+    if rule is not None:
+        fixed = torch.as_tensor(rule(predictions, neighbors, config))
     usable = n_confident if fixed is None else max(n_confident, int((fixed >= 0).sum()))
     needed = max(1, math.ceil(config.min_confident_fraction * images.shape[0]))
     if usable < needed:

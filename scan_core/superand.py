@@ -165,6 +165,12 @@ def superand_schedule(
     return lr_factor, weight
 
 
+def build_superand_model(config: SuperANDConfig, in_channels: int) -> PretextModel:
+    """The Super-AND embedding network: backbone + :class:`EmbeddingHead` (the embedding)."""
+    backbone = build_backbone(config.backbone, in_channels)
+    return PretextModel(backbone, EmbeddingHead(backbone.out_dim, config.feature_dim))
+
+
 def train_superand(
     images: torch.Tensor,
     config: SuperANDConfig,
@@ -197,9 +203,8 @@ def train_superand(
     device = resolve_device(config.device)
     dtype = resolve_precision(config.precision, device)
     generator = seed_everything(config.seed)
-    backbone = build_backbone(config.backbone, images.shape[1])
-    model = PretextModel(backbone, EmbeddingHead(backbone.out_dim, config.feature_dim))
-    model = model.to(device).to(memory_format=torch.channels_last)
+    model = build_superand_model(config, images.shape[1]).to(device)
+    model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=config.lr,

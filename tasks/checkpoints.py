@@ -24,7 +24,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
-from scan_core.config import BackboneName, PretextConfig, SuperANDConfig
+from scan_core.config import BackboneName
+from scan_core.methods import pretext_method_of
 from scan_core.models import (
     ClusteringModel,
     EmbeddingHead,
@@ -33,7 +34,6 @@ from scan_core.models import (
     SimCLRProjectionHead,
     build_backbone,
 )
-from scan_core.pretext import build_pretext_model
 from scan_core.twostage import EmbeddingBackbone
 from tasks.storage import Storage, validation_problem
 
@@ -180,17 +180,13 @@ def load_pretext_model(workspace: Storage, rel_dir: str) -> PretextModel:
     description = read_pretext_description(workspace, rel_dir)
     config = dict(description.config)
     try:
-        if config.get("method") == "superand":  # backbone + 128-d embedding head
-            settings = {k: v for k, v in config.items() if k != "method"}
-            superand = SuperANDConfig.model_validate(settings)
-            backbone = build_backbone(superand.backbone, description.in_channels)
-            model = PretextModel(backbone, EmbeddingHead(backbone.out_dim, superand.feature_dim))
-        else:
-            pretext = PretextConfig.model_validate(config)
-            model = build_pretext_model(pretext, description.in_channels)
+        method = pretext_method_of(config)
+        model = method.build(method.parse(config), description.in_channels)
     except ValidationError as exc:
         problem = f"has an invalid pretext config ({validation_problem(exc)})"
         raise workspace.bad_file(f"{rel_dir}/{DESCRIPTION}", problem) from exc
+    except ValueError as exc:  # an unknown method
+        raise workspace.bad_file(f"{rel_dir}/{DESCRIPTION}", str(exc)) from exc
     _fill(model, workspace, rel_dir)
     return model.eval()
 

@@ -26,7 +26,6 @@ from pydantic import BaseModel, ConfigDict
 
 from scan_core.config import ImageConfig
 from scan_core.inference import compute_embeddings
-from scan_core.models import RotNetHead
 from tasks import checkpoints, pixels
 from tasks.catalog import read_catalog
 from tasks.errors import ScanLakeError
@@ -165,7 +164,6 @@ def embed_shard(
         images,
         batch_size=batch_size,
         device=device,
-        use_head=not isinstance(model.head, RotNetHead),
     )
     rel = shard.output(pretext_key)
     store.write_table(rel, embeddings_table(shard.ids, vectors), pretext_key)

@@ -30,28 +30,38 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from scan_core.methods import CLUSTERING, PRETEXT
+
 #: The repository root: ``scan_core`` is a package directly under it.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 #: The package whose modules count as a stage's code.
 CODE_PACKAGE = "scan_core"
 
-#: Modules never followed (their content reaches the key through the config fingerprint).
-NOT_FOLLOWED = frozenset({"scan_core.config"})
+#: Modules never followed: the config (its values reach the key through the config fingerprint)
+#: and the method registries (they name every method's modules; each method's key follows only
+#: its own, :data:`STAGE_ENTRIES`).
+NOT_FOLLOWED = frozenset({"scan_core.config", "scan_core.methods"})
 
 #: What ``tasks/checkpoints.py`` uses to rebuild a pretext model (``load_pretext_model``).
 _LOADS_PRETEXT_MODEL = ("scan_core.pretext", "scan_core.models")
 #: What ``tasks/checkpoints.py`` uses to rebuild a clustering model (``load_clustering_model``).
 _LOADS_CLUSTERING_MODEL = ("scan_core.models", "scan_core.twostage")
 
+#: The keys of the pretext and clustering methods: their registry entries' names and modules
+#: (the pretext stage of SimCLR and RotNet is ``pretext``, the clustering stage of SCAN ``scan``).
+_METHOD_ENTRIES = {
+    **{m.key_name: m.modules for m in PRETEXT.values()},
+    **{m.name: m.modules for m in CLUSTERING.values()},
+}
+
 #: The scan_core modules each stage's task calls; :func:`stage_modules` adds what they import.
 STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
     "images": ("scan_core.images",),  # the lake scan: hash, inspect, decode
     "catalog": ("scan_core.images",),
-    "pretext": ("scan_core.pretext",),
     "embed": ("scan_core.inference", *_LOADS_PRETEXT_MODEL),
     "neighbors": ("scan_core.neighbors",),
-    "scan": ("scan_core.clustering", *_LOADS_PRETEXT_MODEL, *_LOADS_CLUSTERING_MODEL),
+    **_METHOD_ENTRIES,
     "selflabel": (
         "scan_core.selflabel",
         "scan_core.guard",
@@ -66,11 +76,6 @@ STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
         "scan_core.data",
     ),
     "duplicates": ("scan_core.duplicates",),
-    # keys of the other methods (pretext.method, clustering.method) have names of their own
-    "superand": ("scan_core.superand", *_LOADS_PRETEXT_MODEL),
-    "twostage": ("scan_core.twostage", *_LOADS_PRETEXT_MODEL),
-    "iic": ("scan_core.twostage", *_LOADS_PRETEXT_MODEL),
-    "kmeans": ("scan_core.kmeans", *_LOADS_PRETEXT_MODEL),
     "choose_k": ("scan_core.model_selection", "scan_core.plots"),
     "guard": (
         "scan_core.guard",
@@ -85,18 +90,14 @@ STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
 TASK_FORMAT_VERSION: dict[str, int] = {
     "images": 1,
     "catalog": 1,
-    "pretext": 1,
     "embed": 1,
     "neighbors": 1,
-    "scan": 1,
+    **{m.key_name: m.format_version for m in PRETEXT.values()},
+    **{m.name: m.format_version for m in CLUSTERING.values()},
     "selflabel": 1,
     "assign": 2,  # 2: stable cluster ids, lineage table, reordered checkpoint
     "evaluate": 2,  # 2: reads stable cluster ids
     "duplicates": 2,  # 2: near pairs from the pixels (hash, views, embeddings), new columns
-    "superand": 1,
-    "twostage": 1,
-    "iic": 1,
-    "kmeans": 1,
     "choose_k": 1,
     "guard": 2,  # 2: num_clusters in the summary, the partitions table's schema checked
 }

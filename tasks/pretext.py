@@ -1,8 +1,8 @@
-"""Pretext stage (SCAN step 1): train the representation on the catalog's unique images, with
-SimCLR or RotNet (``scan_core.pretext``) or Super-AND (``pretext.method = superand``, Han et al.'s
-stage 1, ``scan_core.superand``; the ``pretext`` section's settings plus the ``superand``
-section's). A Super-AND stage's key is computed under its own name and code version (``superand``
-in :mod:`tasks.keys`), so the keys of SimCLR and RotNet stages are those they always had.
+"""Pretext stage (SCAN step 1): train the representation on the catalog's unique images with the
+``pretext.method`` of the registry (:data:`scan_core.methods.PRETEXT`: SimCLR, RotNet, Super-AND,
+BYOL). A method with a section of its own (``superand``, ``byol``) takes the ``pretext`` section's
+settings plus its section's, and its key is computed under its own name and code version, so the
+keys of SimCLR and RotNet stages are those they always had.
 
 Growing lakes reuse a backbone (docs/architecture.md, 'Growing lakes'): :func:`plan_pretext` keeps
 the earlier pretext stage (same config and code) that covers most of the lake until the lake has
@@ -20,9 +20,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
-from scan_core.config import ImageConfig, PipelineConfig, PretextConfig, SuperANDConfig
-from scan_core.pretext import PretextResult, train_pretext
-from scan_core.superand import train_superand
+from scan_core.config import ImageConfig, PipelineConfig, StageConfig
+from scan_core.methods import PretextMethod, pretext_method, pretext_method_of
 from tasks import checkpoints, keys
 from tasks.catalog import read_catalog
 from tasks.errors import WorkspaceFileError
@@ -44,34 +43,22 @@ logger = logging.getLogger(__name__)
 
 TRAIN_IDS = "train_ids.parquet"
 
-PretextSettings = PretextConfig | SuperANDConfig
-
 
 def pretext_stage_config(config: PipelineConfig) -> dict[str, Any]:
-    """The pretext stage's config: the ``pretext`` section (SimCLR, RotNet), or for Super-AND
-    ``{"method": "superand", **SuperANDConfig}`` (:meth:`PipelineConfig.superand_config`)."""
-    if config.pretext.method == "superand":
-        return {"method": "superand", **config.superand_config().model_dump(mode="json")}
-    return config.pretext.model_dump(mode="json")
+    """The pretext stage's config of ``pretext.method`` (:meth:`PretextMethod.stage_config`)."""
+    return pretext_method(config.pretext.method).stage_config(config)
 
 
-def parse_pretext_config(config: dict[str, Any]) -> PretextSettings:
-    """The typed settings of a pretext stage config (:func:`pretext_stage_config`)."""
-    if config.get("method") == "superand":
-        return SuperANDConfig.model_validate({k: v for k, v in config.items() if k != "method"})
-    return PretextConfig.model_validate(config)
+def parse_pretext_config(config: dict[str, Any]) -> tuple[PretextMethod, StageConfig]:
+    """The method and typed settings of a pretext stage config (:func:`pretext_stage_config`)."""
+    method = pretext_method_of(config)
+    return method, method.parse(config)
 
 
-def key_name(config: PretextSettings) -> str:
-    """The name the stage key and code version of ``config`` are computed under."""
-    return "superand" if isinstance(config, SuperANDConfig) else "pretext"
-
-
-def train(images: Any, config: PretextSettings, run: StageRun) -> PretextResult:
-    """Train SimCLR / RotNet or Super-AND on uint8 images, reporting every epoch to ``run``."""
-    if isinstance(config, SuperANDConfig):
-        return train_superand(images, config, progress=run.on_epoch)
-    return train_pretext(images, config, progress=run.on_epoch)
+def plan_key(config: dict[str, Any], images_key: str) -> str:
+    """The stage key of a pretext stage config on the images ``images_key``."""
+    method, settings = parse_pretext_config(config)
+    return keys.stage_key(method.key_name, settings.fingerprint(), {"images": images_key})
 
 
 @task(name="pretext", **STAGE_TASK_OPTIONS)
@@ -79,11 +66,11 @@ def pretext(request: StageRequest, catalog: StageOutput) -> StageOutput:
     """Train the pretext model on the unique images of ``catalog``; save the checkpoint."""
 
     def body(run: StageRun) -> dict[str, Any]:
-        config = parse_pretext_config(request.config)
+        method, config = parse_pretext_config(request.config)
         image_config = ImageConfig.model_validate(catalog.summary["image_config"])
         ids = unique_ids(read_catalog(run.workspace, catalog))
         images = load_pixels(run.workspace, catalog.summary["image_config_key"], ids, image_config)
-        result = train(images, config, run)
+        result = method.train(images, config, run.on_epoch)
         state = checkpoints.state_bytes(result.model)
         run.write_bytes(checkpoints.CHECKPOINT, state, log=True)
         description = {"config": request.config, "in_channels": image_config.channels}
@@ -94,11 +81,11 @@ def pretext(request: StageRequest, catalog: StageOutput) -> StageOutput:
             "num_images": len(ids),
             "final_loss": final.get("loss"),
             "epochs": len(result.history),
-            "backbone": config.backbone,
-            "method": request.config.get("method", "simclr"),
+            "backbone": request.config["backbone"],
+            "method": method.name,
             "config_fingerprint": config.fingerprint(),
             "image_config_key": catalog.summary["image_config_key"],
-            "code_version": keys.code_version(key_name(config)),
+            "code_version": keys.code_version(method.key_name),
         }
 
     return run_stage(request, body)
@@ -193,13 +180,14 @@ def choose_backbone(
 
 
 def backbone_candidates(
-    workspace: Storage, config: PretextSettings, image_config_key: str, current_ids: set[str]
+    workspace: Storage, config: dict[str, Any], image_config_key: str, current_ids: set[str]
 ) -> list[BackboneCandidate]:
     """Earlier finished pretext stages with the same pretext config, code and image config.
 
     Their manifests and training-image tables are validated; one that fails is left out (with
     a warning): this run then trains a backbone of its own rather than build on it.
     """
+    method, settings = parse_pretext_config(config)
     found = []
     for obj in workspace.list_objects("pretext"):
         parts = obj.key.split("/")
@@ -212,8 +200,8 @@ def backbone_candidates(
                 continue
             summary = output.summary
             if (
-                summary.get("config_fingerprint") != config.fingerprint()
-                or summary.get("code_version") != keys.code_version(key_name(config))
+                summary.get("config_fingerprint") != settings.fingerprint()
+                or summary.get("code_version") != keys.code_version(method.key_name)
                 or summary.get("image_config_key") != image_config_key
             ):
                 continue
@@ -247,8 +235,7 @@ def plan_pretext(
     The policy picks an *input*; the pretext stage key itself is a content fingerprint (config,
     images, code) and never depends on ``retrain_after``.
     """
-    config = parse_pretext_config(pretext_config)
-    own = keys.stage_key(key_name(config), config.fingerprint(), {"images": images_key})
+    own = plan_key(pretext_config, images_key)
     workspace = Storage(workspace_url)
     own_exists = workspace.exists(f"pretext/{own}/{MANIFEST}")
     candidates: list[BackboneCandidate] = []
@@ -259,7 +246,7 @@ def plan_pretext(
             for i, r in zip(rows["image_id"].to_pylist(), rows["reason"].to_pylist(), strict=True)
             if r is None
         }
-        candidates = backbone_candidates(workspace, config, image_config_key, current)
+        candidates = backbone_candidates(workspace, pretext_config, image_config_key, current)
     plan = choose_backbone(own, own_exists, candidates, retrain_after, retrain)
     get_run_logger().info("pretext backbone %s: %s", plan.key[:12], plan.reason)
     return plan

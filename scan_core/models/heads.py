@@ -76,12 +76,23 @@ class ClusterHeads(nn.Module):
 
 
 class PretextModel(nn.Module):
-    """Backbone + pretext head. ``forward`` returns the head output; ``features`` the backbone's."""
+    """Backbone + pretext head. ``forward`` returns the head output; ``features`` the backbone's.
 
-    def __init__(self, backbone: Backbone, head: nn.Module) -> None:
+    ``embeds_with_head``: the pretext embedding (what neighbours are mined on) is the head's
+    output (SimCLR's projection, Super-AND's embedding); false when the head is a training device
+    only (RotNet's rotation classifier, BYOL's projector) and the embedding is the backbone's.
+    """
+
+    def __init__(self, backbone: Backbone, head: nn.Module, embeds_with_head: bool = True) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.embeds_with_head = embeds_with_head
+
+    @property
+    def embedding_head(self) -> nn.Module | None:
+        """The head that maps backbone features to the pretext embedding (None: the identity)."""
+        return self.head if self.embeds_with_head else None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from scan_core.config import ImageConfig, PretextConfig
+from scan_core.config import ImageConfig
 from tasks.errors import ScanLakeError, WorkspaceFileError
 from tasks.stage import StageOutput, stage_output
 from tasks.storage import Storage
@@ -227,8 +227,7 @@ def _read_train_ids(ctx: Context, rel: str) -> Any:
     key = rel.split("/")[1]
     manifest = read_manifest(ctx.ws, "pretext", key)
     assert manifest is not None
-    config = PretextConfig.model_validate(manifest.config)
-    found = backbone_candidates(ctx.ws, config, ctx.image_config_key, set(ctx.ids))
+    found = backbone_candidates(ctx.ws, manifest.config, ctx.image_config_key, set(ctx.ids))
     assert key not in {c.key for c in found}  # recomputed: not a backbone to build on
     return "not offered as a backbone to reuse"
 

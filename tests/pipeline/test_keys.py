@@ -23,7 +23,16 @@ REACH_CLUSTERING = {
     "kmeans",
     "guard",
 }
-NEVER_CLUSTERING = {"images", "catalog", "pretext", "superand", "embed", "neighbors", "evaluate"}
+NEVER_CLUSTERING = {
+    "images",
+    "catalog",
+    "pretext",
+    "superand",
+    "byol",
+    "embed",
+    "neighbors",
+    "evaluate",
+}
 
 
 def copy_tree(tmp_path: Path) -> Path:
@@ -82,6 +91,21 @@ def test_editing_a_called_function_changes_exactly_the_stages_that_reach_it(
         assert "scan_core.clustering" in keys.stage_modules(stage, root)
     for stage in NEVER_CLUSTERING:
         assert "scan_core.clustering" not in keys.stage_modules(stage, root)
+
+
+def test_a_new_method_changes_no_other_stage_key(tmp_path: Path) -> None:
+    """The registries name every method's modules, but keys never follow the registry: editing
+    BYOL's module changes the BYOL pretext key (and nothing else), as editing the registry
+    changes no key at all."""
+    root = copy_tree(tmp_path)
+    before = all_keys(root)
+    append_statement(root / "scan_core" / "byol.py", "byol_loss", "_ = None")
+    keys.code_version.cache_clear()
+    after_byol = all_keys(root)
+    assert {s for s in before if before[s] != after_byol[s]} == {"byol"}
+    append_statement(root / "scan_core" / "methods.py", "pretext_method", "_ = None")
+    keys.code_version.cache_clear()
+    assert all_keys(root) == after_byol
 
 
 def test_imports_are_resolved_every_way(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,7 +20,7 @@ from tasks import checkpoints, keys
 from tasks.clustering import clustering_key, stage_config
 from tasks.config import build_config, parse_clusters
 from tasks.errors import ScanLakeError
-from tasks.pretext import key_name, parse_pretext_config, pretext_stage_config
+from tasks.pretext import parse_pretext_config, plan_key, pretext_stage_config
 from tasks.storage import Storage
 from tests.pipeline.conftest import TINY_CONFIG, lake_contents, write_local
 from tests.pipeline.helpers import all_cached, nested_runs
@@ -176,6 +176,26 @@ def test_kmeans_overclustering_then_iic(lake: Path, tmp_path: Path) -> None:
     assert len(iic["cluster_sizes"]) == 12 and sum(iic["cluster_sizes"]) == 120
 
 
+@pytest.mark.integration
+def test_byol_pretext_through_the_flow(lake: Path, tmp_path: Path) -> None:
+    """A pretext method added as one registry entry runs through every stage: BYOL's embedding
+    is its backbone's (64-d for the small CNN), K-means clusters it, and the saved model
+    rebuilds from its description."""
+    workspace = tmp_path / "ws"
+    overrides = {"pretext.method": "byol", "byol.hidden_dim": 32, "clustering.method": "kmeans"}
+    result = run_flow(lake, workspace, overrides)
+    assert result["clustering"]["pretext_method"] == "byol"
+    pretext = record(result, "pretext")
+    assert pretext["summary"]["method"] == "byol" and pretext["summary"]["epochs"] >= 1
+    assert record(result, "embed")["summary"]["dim"] == 64
+    ws = Storage(str(workspace))
+    description = ws.read_json(f"{_files(ws, 'scan', record(result, 'scan')['key'])}/model.json")
+    assert description["embedding"] == {"head": "none"}
+    assert sum(result["cluster_sizes"]) == 120
+    assert result["metrics"]["acc"] == pytest.approx(result["metrics"]["kmeans_acc"], abs=1e-9)
+    assert "Pretext: BYOL" in summary_markdown_of(result["flow_run_id"])
+
+
 # -- the pure pieces ---------------------------------------------------------------------------
 
 
@@ -196,10 +216,13 @@ def test_method_stage_configs_and_keys() -> None:
     )
     simclr = pretext_stage_config(base)
     assert simclr == base.pretext.model_dump(mode="json")
-    assert key_name(parse_pretext_config(simclr)) == "pretext"
+    assert parse_pretext_config(simclr)[0].key_name == "pretext"
     superand = pretext_stage_config(base.with_overrides({"pretext.method": "superand"}))
     assert superand["method"] == "superand" and superand["rounds"] == 5
-    assert key_name(parse_pretext_config(superand)) == "superand"
+    assert parse_pretext_config(superand)[0].key_name == "superand"
+    byol = pretext_stage_config(base.with_overrides({"pretext.method": "byol"}))
+    assert byol["method"] == "byol" and byol["target_momentum"] == 0.99
+    assert plan_key(byol, "i") != plan_key(superand, "i") != plan_key(simclr, "i")
     twostage = stage_config(base.with_overrides({"clustering.method": "twostage"}), 6)
     iic = stage_config(base.with_overrides({"clustering.method": "iic"}), 6)
     kmeans = stage_config(base.with_overrides({"clustering.method": "kmeans"}), 6)
