@@ -18,11 +18,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from deployments.scan_lake import DEFAULT_CRON, DEPLOYMENT_NAME
+from flows.report import RunResult, report, to_console
 from tasks.errors import ScanLakeError, stage_of, user_error
-from tasks.parallel import engine_sentence
 from tasks.settings import MachineSettings, prepare_environment
 from tasks.storage import Storage
 
@@ -189,113 +188,14 @@ def _automatic(config: Path | None, preset: str, budget: float | None) -> bool:
     return automatic
 
 
-def _settings_table(result: dict[str, Any]) -> Table:
-    table = Table(title="Settings (why)")
-    table.add_column("setting")
-    table.add_column("chosen")
-    for key, why in (result.get("settings") or {}).items():
-        table.add_row(key, escape(why))
-    return table
-
-
-def _report(result: dict[str, Any], settings: MachineSettings, seconds: float) -> None:
-    stages = Table(title="Stages")
-    for column in ("stage", "cached", "seconds"):
-        stages.add_column(column)
-    for record in result["stages"]:
-        stages.add_row(
-            record["stage"], "yes" if record["cached"] else "no", f"{record['seconds']:.1f}"
-        )
-    console.print(stages)
-    metrics = Table(title="Metrics")
-    metrics.add_column("metric")
-    metrics.add_column("value", justify="right")
-    for key, value in sorted(result["metrics"].items()):
-        metrics.add_row(key, f"{value:.4f}")
-    console.print(metrics)
-    sizes = Table(title="Cluster sizes")
-    sizes.add_column("cluster", justify="right")
-    sizes.add_column("images", justify="right")
-    for cluster, size in zip(result["cluster_ids"], result["cluster_sizes"], strict=True):
-        sizes.add_row(str(cluster), str(size))
-    console.print(sizes)
-    console.print(_settings_table(result))
-    console.print(_clustering_table(result))
-    pretext, growth, lineage = result["pretext"], result["growth"], result["lineage"]
-    console.print(f"Backbone {pretext['key'][:12]}: {pretext['reason']}.", soft_wrap=True)
-    console.print(f"{growth['start'].capitalize()} start: {growth['reason']}.", soft_wrap=True)
-    if lineage.get("churn") is not None:
-        console.print(
-            f"Churn {100 * lineage['churn']:.1f}% of {lineage['shared_images']} previously seen "
-            f"images; clusters born {lineage['born'] or 'none'}, vanished "
-            f"{lineage['vanished'] or 'none'}."
-        )
-    dup = result["duplicates"]
+def _report(result: dict[str, Any]) -> None:
+    """The run's report on the terminal (the same blocks as its Prefect summary), then how to
+    open the Prefect UI."""
+    to_console(report(RunResult.model_validate(result)), console)
     console.print(
-        f"Duplicates: {dup.get('exact_duplicate_objects', 0)} exact, "
-        f"{dup.get('near_pairs', 0)} near pairs ({result['duplicates_report']})."
-    )
-    counts = result["counts"]
-    console.print(
-        f"{counts['objects']} objects, {counts['unique_images']} unique images, "
-        f"{counts['quarantined']} quarantined; stages run: "
-        f"{', '.join(result['stages_run']) or 'none (all cached)'}; {seconds:.1f} s."
-    )
-    console.print(escape(engine_sentence(result.get("parallel"))), soft_wrap=True)
-    console.print(f"Assignments: {escape(result['assignments'])}", soft_wrap=True)
-    if result.get("gallery"):
-        console.print(f"Gallery: {escape(result['gallery'])}", soft_wrap=True)
-    else:
-        console.print(
-            f"Gallery: not written ({escape(str(result.get('gallery_error')))}); "
-            "`scan-lake export` writes it.",
-            soft_wrap=True,
-        )
-    decision = result.get("promotion")
-    if decision:
-        console.print(
-            f"Model {escape(decision['registered_model'])} version {decision['version']}: "
-            f"{escape(decision['reason'])}.",
-            soft_wrap=True,
-        )
-    info = result["mlflow"]
-    if info.get("ui_command") is None or info["link"].startswith(("http://", "https://")):
-        where = f"MLflow run:  {info['link']}"
-    else:
-        where = f"MLflow UI:  {info['ui_command']}  (then open {info['link']})"
-    console.print(
-        f"\n{where}\n"
-        f"Prefect UI: PREFECT_HOME={os.environ['PREFECT_HOME']} uv run prefect server start",
+        f"\nPrefect UI: PREFECT_HOME={os.environ['PREFECT_HOME']} uv run prefect server start",
         soft_wrap=True,
     )
-
-
-def _clustering_table(result: dict[str, Any]) -> Table:
-    """Methods and the number of clusters, with the reason when ``--clusters auto`` chose it,
-    and the stages a method skips."""
-    info = result["clustering"]
-    table = Table(title="Clustering")
-    table.add_column("setting")
-    table.add_column("value", overflow="fold")
-    table.add_row("pretext.method", info["pretext_method"])
-    table.add_row("clustering.method", info["method"])
-    auto = info.get("auto")
-    if auto is None:
-        table.add_row("clusters", f"{info['num_clusters']} (requested)")
-    else:
-        table.add_row(
-            "clusters",
-            f"{info['num_clusters']}, chosen by --clusters auto from k = {auto['ks'][0]}.."
-            f"{auto['ks'][-1]} ({auto['criterion']})",
-        )
-        table.add_row("why", escape(str(auto["explanation"])))
-        table.add_row("curves", escape(str(auto["plot"])))
-    for stage, reason in result.get("skipped", {}).items():
-        table.add_row(f"{stage} skipped", escape(reason))
-    guard = result.get("guard")
-    if guard:
-        table.add_row("kept", f"{guard['kept']}: {escape(str(guard['reason']))}")
-    return table
 
 
 def _sentence(exc: BaseException) -> str:
@@ -357,7 +257,7 @@ def _finish(
     if json_out is not None:
         _write_json(json_out, result)
     if json_out is None or str(json_out) != "-":
-        _report(result, settings, seconds)
+        _report(result)
 
 
 @app.command()

@@ -28,8 +28,9 @@ from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ValidationError
 
+from flows.report import RunResult, StageRecord, report, to_markdown
 from scan_core.config import PipelineConfig, ScanConfig
-from scan_core.methods import clustering_method, pretext_method
+from scan_core.methods import clustering_method
 from tasks import keys, parallel, progress, promotion, tracking
 from tasks.assign import ASSIGNMENTS_FILE, assign
 from tasks.auto import image_section, parse_budget, settings_for
@@ -84,20 +85,6 @@ STAGES = (
     "assign",
     "evaluate",
 )
-
-
-class StageRecord(BaseModel):
-    """How one stage went in this flow run: ``run_id`` is the MLflow run of a stage that ran,
-    ``source_run_id`` the run that made a cached stage's output."""
-
-    stage: str
-    key: str
-    state: str
-    cached: bool
-    run_id: str | None
-    source_run_id: str | None
-    seconds: float
-    summary: dict[str, Any]
 
 
 def validate_request(
@@ -170,167 +157,6 @@ class _Runner:
         return output
 
 
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
-def _near_rule(thresholds: dict[str, Any] | None) -> str:
-    """The near-duplicate rule of a duplicates summary, in words."""
-    if not thresholds:
-        return "thresholds not recorded"
-    return (
-        f"hashes within {thresholds['max_hamming']} bits, pixel similarity >= "
-        f"{thresholds['min_pixel_similarity']}, embedding cosine >= {thresholds['min_cosine']}"
-    )
-
-
-def growth_markdown(result: dict[str, Any]) -> list[str]:
-    """The growth part of the summary: backbone, warm/cold start, embedded images, churn,
-    clusters born and vanished, per-cluster growth, duplicates."""
-    pre, plan, lineage = result["pretext"], result["growth"], result["lineage"]
-    dup = result["duplicates"]
-    lines = [
-        "## Growth",
-        "",
-        f"- Backbone `{pre['key'][:12]}` ({'reused' if pre['reused'] else 'own'}): "
-        f"{pre['reason']}.",
-        f"- {plan['start'].capitalize()} start: {plan['reason']}.",
-        f"- Images embedded: {result['counts']['images_embedded']} of "
-        f"{result['counts']['unique_images']}.",
-    ]
-    if lineage.get("churn") is None:
-        lines.append("- Cluster ids: first run on this lake (no earlier run to match).")
-    else:
-        lines += [
-            f"- Churn: {_percent(lineage['churn'])} of {lineage['shared_images']} previously "
-            f"seen images changed cluster ({lineage['changed_images']}); "
-            f"{lineage['new_images']} new, {lineage['removed_images']} removed images.",
-            f"- Clusters born: {lineage['born'] or 'none'}; vanished: "
-            f"{lineage['vanished'] or 'none'}.",
-        ]
-    lines += [
-        "",
-        "| cluster | status | before | now | growth | stayed | moved in | moved out | new | "
-        "removed |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in lineage.get("clusters", []):
-        lines.append(
-            f"| {r['cluster']} | {r['status']} | {r['previous_size']} | {r['size']} | "
-            f"{r['growth']:+d} | {r['stayed']} | {r['moved_in']} | {r['moved_out']} | "
-            f"{r['new_images']} | {r['removed_images']} |"
-        )
-    lines += [
-        "",
-        "## Duplicates",
-        "",
-        f"Exact: {dup.get('exact_duplicate_objects', 0)} extra objects in "
-        f"{dup.get('exact_groups', 0)} groups; near (same picture after an edit: "
-        f"{_near_rule(dup.get('thresholds'))}): "
-        f"{dup.get('near_pairs', 0)} pairs of {dup.get('near_images', 0)} images "
-        f"(`{result['duplicates_report']}`).",
-    ]
-    return lines
-
-
-def overclustering_line(metrics: dict[str, float]) -> str | None:
-    """The many-to-one sentence when there are more clusters than label classes, else None."""
-    clusters, classes = metrics.get("num_clusters"), metrics.get("num_classes")
-    if clusters is None or classes is None or clusters <= classes:
-        return None
-    return (
-        f"Overclustering: {clusters:.0f} clusters for {classes:.0f} label classes. Many-to-one "
-        f"ACC {metrics['many_to_one_acc']:.4f} (every cluster counted as its majority class) "
-        f"beside Hungarian ACC {metrics['acc']:.4f} (one cluster per class, the other "
-        f"{clusters - classes:.0f} clusters counted wrong)."
-    )
-
-
-def clustering_markdown(result: dict[str, Any]) -> list[str]:
-    """The clustering part of the summary: methods, the number of clusters (and why, for
-    ``--clusters auto``), skipped stages, overclustering."""
-    info = result["clustering"]
-    lines = [
-        "## Clustering",
-        "",
-        f"- Pretext: {pretext_method(info['pretext_method']).title}; clustering: "
-        f"{clustering_method(info['method']).title}.",
-    ]
-    auto = info.get("auto")
-    if auto is None:
-        lines.append(f"- Clusters: {info['num_clusters']} (requested).")
-    else:
-        lines.append(
-            f"- Clusters: {info['num_clusters']}, chosen automatically (--clusters auto) from "
-            f"k = {auto['ks'][0]}..{auto['ks'][-1]} by `{auto['criterion']}`: "
-            f"{auto['explanation']} Curves: `{auto['plot']}` (also in MLflow, stage choose_k)."
-        )
-    for stage, reason in result.get("skipped", {}).items():
-        lines.append(f"- {stage}: skipped ({reason}).")
-    guard = result.get("guard")
-    if guard:
-        lines.append(f"- Kept: {guard['kept']} ({guard['reason']}).")
-    for key, why in (result.get("settings") or {}).items():
-        lines.append(f"- Setting {key}: {why}.")
-    over = overclustering_line(result["metrics"])
-    if over is not None:
-        lines.append(f"- {over}")
-    return lines
-
-
-def mlflow_markdown(info: dict[str, Any]) -> str:
-    """The sentence that leads to the MLflow run: a link, or how to open a local store's UI."""
-    run_id, link = info["parent_run_id"], info["link"]
-    if info.get("ui_command") is None or link.startswith(("http://", "https://")):
-        return f"MLflow run [{run_id}]({link})"
-    return f"MLflow run `{run_id}` (open `{info['ui_command']}`, then `{link}`)"
-
-
-def outputs_markdown(result: dict[str, Any]) -> list[str]:
-    """Where the run's outputs are: assignments, gallery, registered model and its promotion."""
-    lines = [f"- Assignments: `{result['assignments']}`."]
-    if result.get("gallery"):
-        lines.append(f"- Cluster gallery: [{result['gallery']}]({result['gallery']}).")
-    elif result.get("gallery_error"):
-        lines.append(f"- Cluster gallery: not written ({result['gallery_error']}).")
-    decision = result.get("promotion")
-    if decision:
-        lines.append(
-            f"- Model `{decision['registered_model']}` version {decision['version']}: "
-            f"{decision['reason']}."
-        )
-    return lines
-
-
-def summary_markdown(result: dict[str, Any]) -> str:
-    """The run's Markdown summary (Prefect artifact)."""
-    lines = [
-        f"# scan-lake run on `{result['lake']}`",
-        "",
-        f"Workspace `{result['workspace']}`; {mlflow_markdown(result['mlflow'])}.",
-        "",
-        *outputs_markdown(result),
-        "",
-        f"Objects {result['counts']['objects']}, images {result['counts']['images']} "
-        f"({result['counts']['unique_images']} unique), quarantined "
-        f"{result['counts']['quarantined']}. {parallel.engine_sentence(result.get('parallel'))}",
-        "",
-        "| stage | cached | seconds |",
-        "|---|---|---|",
-    ]
-    for record in result["stages"]:
-        lines.append(f"| {record['stage']} | {record['cached']} | {record['seconds']:.1f} |")
-    lines += ["", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.4f} |" for k, v in sorted(result["metrics"].items())]
-    lines += ["", "| cluster | size |", "|---|---|"]
-    lines += [
-        f"| {c} | {s} |"
-        for c, s in zip(result["cluster_ids"], result["cluster_sizes"], strict=True)
-    ]
-    lines += ["", *clustering_markdown(result), "", *growth_markdown(result)]
-    return "\n".join(lines)
-
-
 @flow(name="scan_pipeline", log_prints=True, persist_result=False)
 def scan_pipeline(
     lake: str,
@@ -396,18 +222,18 @@ def scan_pipeline(
             params = {"engine": engine.kind, "workers": str(engine.workers)}
             tracking.log_params(ref, parent, {**params, "dask": engine.address or ""})
             result = _run_stages(lake_store, ws, choice, ref, retrain_pretext, flow_run_id, auto)
-            result["parallel"] = engine.describe()
+            result.parallel = engine.describe()
     except BaseException:
         tracking.end_run(ref, parent, ok=False)
         raise
     finally:
         progress.remove_reporter(reporter)
-    tracking.log_metrics(ref, parent, result["metrics"])
-    tracking.set_tags(ref, parent, {"stages_run": ",".join(result["stages_run"]) or "none"})
+    tracking.log_metrics(ref, parent, result.metrics)
+    tracking.set_tags(ref, parent, {"stages_run": ",".join(result.stages_run) or "none"})
     tracking.end_run(ref, parent, ok=True)
     _publish(result)
-    log.info("stages run: %s", ", ".join(result["stages_run"]) or "none (all cached)")
-    return result
+    log.info("stages run: %s", ", ".join(result.stages_run) or "none (all cached)")
+    return result.as_dict()
 
 
 def _open_parent_run(
@@ -456,21 +282,21 @@ def _track_request(
     )
 
 
-def _publish(result: dict[str, Any]) -> None:
+def _publish(result: RunResult) -> None:
     """The run's Prefect artifacts: the Markdown summary, the metrics and cluster tables, and
     links to the MLflow run (where the UI has an address), the assignments and the gallery."""
     create_markdown_artifact(
         key="scan-pipeline-summary",
-        markdown=summary_markdown(result),
+        markdown=to_markdown(report(result)),
         description="scan-lake run summary",
     )
-    publish_tables(result)
-    info = result["mlflow"]
-    links = {"scan-pipeline-assignments": (result["assignments"], "Assignments of the run")}
-    if info["link"].startswith(("http://", "https://")):
-        links["scan-pipeline-mlflow-run"] = (info["link"], f"MLflow run {info['parent_run_id']}")
-    if result.get("gallery"):
-        links["scan-pipeline-gallery"] = (result["gallery"], "Cluster gallery of the run")
+    publish_tables(result.as_dict())
+    info = result.mlflow
+    links = {"scan-pipeline-assignments": (result.assignments, "Assignments of the run")}
+    if info.link.startswith(("http://", "https://")):
+        links["scan-pipeline-mlflow-run"] = (info.link, f"MLflow run {info.parent_run_id}")
+    if result.gallery:
+        links["scan-pipeline-gallery"] = (result.gallery, "Cluster gallery of the run")
     publish_links(links)
 
 
@@ -920,7 +746,7 @@ def _run_stages(
     retrain_pretext: bool,
     flow_run_id: str,
     auto_clusters: bool = False,
-) -> dict[str, Any]:
+) -> RunResult:
     """The method, stage after stage (SCAN: pretext, neighbours, clustering, self-labeling),
     then the guard, the assignments and their evaluation; then what the run leaves."""
     scan_start = time.perf_counter()
@@ -991,7 +817,7 @@ def _finish_run(
     flow_run_id: str,
     out: dict[str, StageOutput],
     parts: _RunParts,
-) -> dict[str, Any]:
+) -> RunResult:
     """What a finished run leaves: growth and duplicates in MLflow, the promotion decision,
     the run record for the next run, the gallery, and the result."""
     asg, ev, dup = out["assign"], out["evaluate"], out["duplicates"]
@@ -1064,12 +890,12 @@ def _result(
     ev: StageOutput,
     parts: _RunParts,
     extras: dict[str, Any],
-) -> dict[str, Any]:
-    """The run's result (the flow's return value; the CLI's tables and ``--json``)."""
+) -> RunResult:
+    """The run's result (the flow's return value; the CLI's report and ``--json``)."""
     snapshot, plan, cfg = parts.snapshot, parts.plan, parts.cfg
     records = [parts.records[name] for name in STAGES if name in parts.records]
     sizes = list(ev.summary.get("cluster_sizes", []))
-    return {
+    result = {
         "lake": lake.url,
         "workspace": ws.url,
         "flow_run_id": flow_run_id,
@@ -1084,12 +910,12 @@ def _result(
             "images_embedded": extras["embedded"],
         },
         "lake_scan_seconds": parts.lake_scan_seconds,
-        "stages": [r.model_dump() for r in records],
+        "stages": records,
         "stages_run": [r.stage for r in records if not r.cached],
         "metrics": dict(ev.summary.get("metrics", {})),
         "cluster_sizes": sizes,
         "cluster_ids": list(ev.summary.get("cluster_ids", range(len(sizes)))),
-        "pretext": parts.pretext_plan.model_dump(),
+        "pretext": parts.pretext_plan,
         "growth": {
             "start": plan.start,
             "reason": plan.reason,
@@ -1128,3 +954,4 @@ def _result(
             "ui_command": tracking.ui_command(ref.tracking_uri),
         },
     }
+    return RunResult.model_validate(result)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from flows.pipeline import overclustering_line
+from flows.report import overclustering_line
 from scan_core.config import PipelineConfig, ScanConfig
 from tasks import checkpoints, keys
 from tasks.clustering import clustering_key, stage_config
