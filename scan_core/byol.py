@@ -27,19 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scan_core.config import BYOLConfig, resolve_device, resolve_precision
+from scan_core.config import BYOLConfig
 from scan_core.models import PretextModel, build_backbone
-from scan_core.pretext import PretextResult
+from scan_core.pretext import PretextResult, pretext_setup
 from scan_core.training import (
     EpochTimer,
     ProgressCallback,
     autocast,
     cosine_lr,
     iterate_batches,
-    seed_everything,
     set_lr,
 )
-from scan_core.transforms import pretext_view
 
 
 class BYOLMLP(nn.Module):
@@ -90,15 +88,8 @@ def train_byol(
     images: torch.Tensor, config: BYOLConfig, progress: ProgressCallback | None = None
 ) -> PretextResult:
     """Train BYOL on uint8 images ``(N, C, H, W)``; returns backbone + projector (online)."""
-    if images.dim() != 4 or images.dtype != torch.uint8:
-        raise ValueError(
-            f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
-        )
-    if images.shape[0] < 2:
-        raise ValueError(f"BYOL training needs at least 2 images, got {images.shape[0]}")
-    device = resolve_device(config.device)
-    dtype = resolve_precision(config.precision, device)
-    generator = seed_everything(config.seed)
+    setup = pretext_setup(images, config, "BYOL")
+    device, dtype, generator = setup.device, setup.dtype, setup.generator
     online = build_byol_model(config, images.shape[1]).to(device)
     online = online.to(memory_format=torch.channels_last)
     predictor = BYOLMLP(config.feature_dim, config.hidden_dim, config.feature_dim).to(device)
@@ -107,14 +98,7 @@ def train_byol(
     optimizer = torch.optim.SGD(
         params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
-    batch_size = min(config.batch_size, images.shape[0])
-    augment = pretext_view(
-        config.augment,
-        min(images.shape[2:]),
-        config.view_scale,
-        config.crop_scale_min,
-        config.color_jitter,
-    )
+    batch_size, augment = setup.batch_size, setup.views
     steps_per_epoch = math.ceil(images.shape[0] / batch_size)
     total_steps, step = config.epochs * steps_per_epoch, 0
     timer = EpochTimer("pretext", config.epochs, progress)

@@ -109,29 +109,27 @@ class PretextMethod:
 
 _LOADS_PRETEXT_MODEL = ("scan_core.pretext", "scan_core.models")
 
+
+def _train_pretext_method(name: str, title: str) -> PretextMethod:
+    """SimCLR or RotNet: the ``pretext`` section alone, trained by :func:`train_pretext`, keyed
+    as the pretext stage always was."""
+    return PretextMethod(
+        name=name,
+        title=title,
+        settings_class=PretextConfig,
+        section=None,
+        train=train_pretext,
+        build=build_pretext_model,
+        key_name="pretext",
+        modules=("scan_core.pretext",),
+    )
+
+
 PRETEXT: dict[str, PretextMethod] = {
     m.name: m
     for m in (
-        PretextMethod(
-            name="simclr",
-            title="SimCLR",
-            settings_class=PretextConfig,
-            section=None,
-            train=train_pretext,
-            build=build_pretext_model,
-            key_name="pretext",
-            modules=("scan_core.pretext",),
-        ),
-        PretextMethod(
-            name="rotnet",
-            title="RotNet",
-            settings_class=PretextConfig,
-            section=None,
-            train=train_pretext,
-            build=build_pretext_model,
-            key_name="pretext",
-            modules=("scan_core.pretext",),
-        ),
+        _train_pretext_method("simclr", "SimCLR"),
+        _train_pretext_method("rotnet", "RotNet"),
         PretextMethod(
             name="superand",
             title="Super-AND",
@@ -326,6 +324,20 @@ def _twostage_settings(config: PipelineConfig, k: int) -> StageConfig:
     return config.twostage_config(k)
 
 
+def _mutual_information_method(name: str, title: str) -> ClusteringMethod:
+    """Two-stage or IIC: the ``twostage`` section, the pixels, a key on pretext and images."""
+    return ClusteringMethod(
+        name=name,
+        title=title,
+        settings_class=TwoStageConfig,
+        settings_for=_twostage_settings,
+        needs=frozenset({"images"}),
+        key_inputs=("pretext", "images"),
+        train=_mutual_information(name),
+        modules=("scan_core.twostage", *_LOADS_PRETEXT_MODEL),
+    )
+
+
 _LOADS_CLUSTERING_MODEL = ("scan_core.models", "scan_core.twostage")
 
 CLUSTERING: dict[str, ClusteringMethod] = {
@@ -347,26 +359,11 @@ CLUSTERING: dict[str, ClusteringMethod] = {
             warm_start=True,
             self_labels=True,
         ),
-        ClusteringMethod(
-            name="twostage",
-            title="two-stage (Han et al. 2020: IIC + consistency-preserving loss, Norm-FC heads)",
-            settings_class=TwoStageConfig,
-            settings_for=_twostage_settings,
-            needs=frozenset({"images"}),
-            key_inputs=("pretext", "images"),
-            train=_mutual_information("twostage"),
-            modules=("scan_core.twostage", *_LOADS_PRETEXT_MODEL),
+        _mutual_information_method(
+            "twostage",
+            "two-stage (Han et al. 2020: IIC + consistency-preserving loss, Norm-FC heads)",
         ),
-        ClusteringMethod(
-            name="iic",
-            title="IIC",
-            settings_class=TwoStageConfig,
-            settings_for=_twostage_settings,
-            needs=frozenset({"images"}),
-            key_inputs=("pretext", "images"),
-            train=_mutual_information("iic"),
-            modules=("scan_core.twostage", *_LOADS_PRETEXT_MODEL),
-        ),
+        _mutual_information_method("iic", "IIC"),
         ClusteringMethod(
             name="kmeans",
             title="K-means on the pretext embeddings",

@@ -6,8 +6,9 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from scan_core.config import PretextConfig, resolve_device, resolve_precision
+from scan_core.config import PretextConfig, PretextTraining, resolve_device, resolve_precision
 from scan_core.losses import NTXentLoss, RotNetLoss
 from scan_core.models import PretextModel, RotNetHead, SimCLRProjectionHead, build_backbone
 from scan_core.training import (
@@ -42,6 +43,52 @@ def build_pretext_model(config: PretextConfig, in_channels: int) -> PretextModel
     return PretextModel(backbone, RotNetHead(backbone.out_dim), embeds_with_head=False)
 
 
+@dataclass(frozen=True)
+class PretextSetup:
+    """What every pretext trainer starts from: the device and autocast dtype, the seeded
+    generator, the augmented views of ``config.augment`` and the batch size."""
+
+    device: str
+    dtype: torch.dtype | None
+    generator: torch.Generator
+    views: nn.Module
+    batch_size: int
+
+
+def pretext_setup(
+    images: torch.Tensor, config: PretextTraining, method: str, minimum: int = 2
+) -> PretextSetup:
+    """Check uint8 images ``(N, C, H, W)`` (at least ``minimum``), seed everything, and make the
+    views. The trainer builds its network after this call (the seed covers its initialisation).
+
+    Raises:
+        ValueError: not uint8 4-D images, or too few of them for ``method``.
+    """
+    if images.dim() != 4 or images.dtype != torch.uint8:
+        raise ValueError(
+            f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
+        )
+    if images.shape[0] < minimum:
+        raise ValueError(
+            f"{method} training needs at least {minimum} images, got {images.shape[0]}"
+        )
+    device = resolve_device(config.device)
+    views = pretext_view(
+        config.augment,
+        min(images.shape[2:]),
+        config.view_scale,
+        config.crop_scale_min,
+        config.color_jitter,
+    )
+    return PretextSetup(
+        device=device,
+        dtype=resolve_precision(config.precision, device),
+        generator=seed_everything(config.seed),
+        views=views,
+        batch_size=min(config.batch_size, images.shape[0]),
+    )
+
+
 def rotate_batch(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack the 0/90/180/270-degree rotations: ``(B, C, H, W)`` -> ``(4B, ...)`` and labels."""
     rotated = torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])
@@ -61,28 +108,14 @@ def train_pretext(
     RotNet: a weakly augmented image in its four rotations, cross-entropy on the rotation.
     SGD with momentum and a cosine schedule (official settings in :class:`PretextConfig`).
     """
-    if images.dim() != 4 or images.dtype != torch.uint8:
-        raise ValueError(
-            f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
-        )
-    if images.shape[0] < 2:
-        raise ValueError(f"pretext training needs at least 2 images, got {images.shape[0]}")
-    device = resolve_device(config.device)
-    dtype = resolve_precision(config.precision, device)
-    generator = seed_everything(config.seed)
+    setup = pretext_setup(images, config, "pretext")
+    device, dtype, generator = setup.device, setup.dtype, setup.generator
     model = build_pretext_model(config, images.shape[1]).to(device)
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
-    batch_size = min(config.batch_size, images.shape[0])
-    simclr = pretext_view(
-        config.augment,
-        min(images.shape[2:]),
-        config.view_scale,
-        config.crop_scale_min,
-        config.color_jitter,
-    )
+    batch_size, simclr = setup.batch_size, setup.views
     weak = WeakTransform()
     ntxent, rotnet = NTXentLoss(config.temperature), RotNetLoss()
     timer = EpochTimer("pretext", config.epochs, progress)

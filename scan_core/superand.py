@@ -34,19 +34,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scan_core.config import SuperANDConfig, resolve_device, resolve_precision
+from scan_core.config import SuperANDConfig
 from scan_core.losses import ANDLoss, AUGLoss, UELoss
 from scan_core.models import EmbeddingHead, PretextModel, build_backbone
-from scan_core.pretext import PretextResult
+from scan_core.pretext import PretextResult, pretext_setup
 from scan_core.training import (
     EpochTimer,
     ProgressCallback,
     autocast,
     iterate_batches,
-    seed_everything,
     set_lr,
 )
-from scan_core.transforms import pretext_view
 
 logger = logging.getLogger(__name__)
 
@@ -193,16 +191,9 @@ def train_superand(
         Epoch reports carry ``loss``, ``and``, ``aug``, ``ue``, ``ue_weight``, ``lr``,
         ``round`` and ``anchors`` (fraction of samples that are anchors).
     """
-    if images.dim() != 4 or images.dtype != torch.uint8:
-        raise ValueError(
-            f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
-        )
     n = images.shape[0]
-    if n < 3:
-        raise ValueError(f"Super-AND training needs at least 3 images, got {n}")
-    device = resolve_device(config.device)
-    dtype = resolve_precision(config.precision, device)
-    generator = seed_everything(config.seed)
+    setup = pretext_setup(images, config, "Super-AND", minimum=3)
+    device, dtype, generator = setup.device, setup.dtype, setup.generator
     model = build_superand_model(config, images.shape[1]).to(device)
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
@@ -220,17 +211,11 @@ def train_superand(
         generator=generator,
         device=device,
     )
-    augment = pretext_view(
-        config.augment,
-        min(images.shape[2:]),
-        config.view_scale,
-        config.crop_scale_min,
-        config.color_jitter,
-    )
+    augment = setup.views
     and_loss, aug_loss = ANDLoss(), AUGLoss(config.temperature)
     ue_loss = UELoss(self_logit=-1.0 / config.temperature)
     neighbours = torch.full((n, config.neighbourhood_size), -1, dtype=torch.long, device=device)
-    batch_size = min(config.batch_size, n)
+    batch_size = setup.batch_size
     per_round = config.epochs // config.rounds
     epochs = per_round * config.rounds
     timer = EpochTimer("pretext", epochs, progress)
