@@ -78,6 +78,38 @@ def split_validation(
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
+def head_report(
+    val_losses: list[float],
+    predictions: np.ndarray,
+    num_clusters: int,
+    train_losses: list[float] | None = None,
+    probe: ValidationProbe | None = None,
+    val_indices: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Every head's epoch metrics, ``head_<h>_*``: its held-out loss (``val_loss``), the smallest
+    cluster's share of its held-out predictions (``min_share``: 0 means an empty cluster), its
+    training loss when given, and what ``probe`` says of its predictions (e.g. ``acc`` when
+    labels are known). ``predictions`` is ``(H, n_val)``.
+
+    The head with the lowest held-out loss is the current choice: its ``val_loss``, its index
+    (``best_head``) and its probe metrics are also reported without the ``head_<h>_`` prefix, so
+    the probe runs once per head."""
+    best = int(np.argmin(val_losses))
+    out: dict[str, float] = {"val_loss": float(val_losses[best]), "best_head": float(best)}
+    for h, loss in enumerate(val_losses):
+        counts = np.bincount(predictions[h], minlength=num_clusters)
+        out[f"head_{h}_val_loss"] = float(loss)
+        out[f"head_{h}_min_share"] = float(counts.min() / max(counts.sum(), 1))
+        if train_losses is not None:
+            out[f"head_{h}_loss"] = float(train_losses[h])
+        if probe is not None and val_indices is not None:
+            for key, value in probe(val_indices, predictions[h]).items():
+                out[f"head_{h}_{key}"] = float(value)
+                if h == best:
+                    out[key] = float(value)
+    return out
+
+
 #: Held-out anchors whose SCAN loss is reported after every epoch.
 MONITOR_ANCHORS = 1000
 #: Entropy weight of the held-out SCAN loss that picks the best head (official code: 1).
@@ -257,8 +289,9 @@ def train_scan(
         backbone: The pretext backbone; it is copied, never modified.
         config: Settings (official defaults in :class:`ScanConfig`).
         progress: Called after every epoch.
-        probe: Optional ``(val_indices, val_predictions_of_best_head) -> metrics`` merged into the
-            epoch report (used by benchmarks to track accuracy when labels are known).
+        probe: Optional ``(val_indices, val_predictions) -> metrics``, called for every head's
+            held-out predictions after each epoch (used by benchmarks to track accuracy when
+            labels are known); see :func:`head_report`.
         init_model: Warm start from an earlier clustering model with the same number of clusters.
     """
     n = images.shape[0]
@@ -309,7 +342,7 @@ def train_scan(
         model.train()
         if not config.update_backbone:
             model.backbone.eval()
-        sums = np.zeros(3)
+        sums, per_head = np.zeros(3), np.zeros(len(model.cluster_heads.heads))
         steps = 0
         for batch in iterate_batches(len(train_idx), batch_size, generator):
             anchors = torch.as_tensor(train_idx)[batch]
@@ -321,11 +354,12 @@ def train_scan(
                 logits = model(x).float()  # (H, 2B, C)
             total = torch.zeros((), device=device)
             parts = torch.zeros(2)
-            for head_logits in logits:
+            for h, head_logits in enumerate(logits):
                 loss, consistency, ent = criterion(
                     head_logits[: len(anchors)], head_logits[len(anchors) :]
                 )
                 total = total + loss
+                per_head[h] += float(loss.detach())
                 parts += torch.stack([consistency.detach().cpu(), ent.detach().cpu()])
             optimizer.zero_grad(set_to_none=True)
             total.backward()
@@ -336,16 +370,17 @@ def train_scan(
         head_losses, val_pred = scan_validation_losses(
             model, images, neighbors, monitor_idx, device, max_neighbors=5
         )
-        best = int(np.argmin(head_losses))
         metrics = {
             "loss": sums[0] / max(steps, 1),
             "consistency": sums[1] / max(steps, 1),
             "entropy": sums[2] / max(steps, 1),
-            "val_loss": head_losses[best],
-            "best_head": float(best),
         }
-        if probe is not None:
-            metrics.update(probe(monitor_idx, val_pred[best]))
+        train_losses = (per_head / max(steps, 1)).tolist()
+        metrics.update(
+            head_report(
+                head_losses, val_pred, config.num_clusters, train_losses, probe, monitor_idx
+            )
+        )
         timer.done(epoch + 1, metrics)
     # the head choice uses every held-out anchor and all its neighbours
     head_losses, _ = scan_validation_losses(model, images, neighbors, val_idx, device)

@@ -250,7 +250,9 @@ class ClusteringMethod:
 
 
 def _head_metrics(method: str, head_losses: list[float], best_head: int) -> dict[str, float]:
-    losses = {f"{method}/head_{i}_val_loss": v for i, v in enumerate(head_losses)}
+    """The head choice, logged once: every head's held-out loss on all held-out images (the
+    per-epoch ``head_<h>_val_loss`` uses a sample) and the head kept (the lowest)."""
+    losses = {f"{method}/head_{i}_selection_loss": v for i, v in enumerate(head_losses)}
     return {**losses, f"{method}/best_head": float(best_head)}
 
 

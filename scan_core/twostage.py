@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scan_core.clustering import ScanResult, ValidationProbe, split_validation
+from scan_core.clustering import ScanResult, ValidationProbe, head_report, split_validation
 from scan_core.config import TwoStageConfig, resolve_device
 from scan_core.losses import ConsistencyPreservingLoss, IICLoss
 from scan_core.models import Backbone, ClusterHeads, ClusteringModel, EmbeddingHead, NormFCHead
@@ -175,7 +175,8 @@ def train_twostage(
         method: ``"twostage"`` (Han et al.) or ``"iic"`` (Ji et al.).
         embedding_head: For ``twostage``, the pretext model's embedding head (its output is
             L2-normalised and refined); ``pretext_model.head`` for SimCLR or Super-AND.
-        probe: Optional ``(val_indices, val_predictions_of_best_head) -> metrics``.
+        probe: Optional ``(val_indices, val_predictions) -> metrics``, called for every head
+            after each epoch (:func:`scan_core.clustering.head_report`).
 
     Returns:
         A :class:`ScanResult` (best head kept); ``head_losses`` are held-out IIC losses.
@@ -234,6 +235,7 @@ def train_twostage(
         set_lr(optimizer, lr)
         model.train()
         sums, steps = np.zeros(3), 0
+        per_head = np.zeros(config.num_heads)
         for heads in passes:
             for batch in iterate_batches(len(train_idx), batch_size, generator):
                 idx = torch.as_tensor(train_idx)[batch]
@@ -242,7 +244,8 @@ def train_twostage(
                 views = torch.cat([augment(x, generator), augment(x, generator)])
                 emb = model.backbone(views.contiguous(memory_format=torch.channels_last))
                 logits = heads(emb)  # (H, 2B, C)
-                loss_mi = torch.stack([iic(h[:b], h[b:]) for h in logits]).mean()
+                head_mi = torch.stack([iic(h[:b], h[b:]) for h in logits])
+                loss_mi = head_mi.mean()
                 loss = loss_mi
                 loss_cp = torch.zeros((), device=device)
                 if method == "twostage" and config.cp_weight > 0:
@@ -253,21 +256,16 @@ def train_twostage(
                 optimizer.step()
                 if heads is model.cluster_heads:
                     sums += [float(loss.detach()), float(loss_mi.detach()), float(loss_cp.detach())]
+                    per_head += head_mi.detach().cpu().numpy()
                     steps += 1
         head_losses, val_pred = iic_validation_losses(
             model, images, val_idx, augment, iic, device, seed=config.seed + 1
         )
-        best = int(np.argmin(head_losses))
         mean = sums / max(steps, 1)
-        metrics = {
-            "loss": mean[0],
-            "iic": mean[1],
-            "cp": mean[2],
-            "val_loss": head_losses[best],
-            "best_head": float(best),
-            "lr": lr,
-        }
-        if probe is not None:
-            metrics.update(probe(val_idx, val_pred[best]))
+        metrics = {"loss": mean[0], "iic": mean[1], "cp": mean[2], "lr": lr}
+        train_losses = (per_head / max(steps, 1)).tolist()
+        metrics.update(
+            head_report(head_losses, val_pred, config.num_clusters, train_losses, probe, val_idx)
+        )
         timer.done(epoch + 1, metrics)
     return ScanResult.keep_best(model, head_losses, timer.history, val_idx)

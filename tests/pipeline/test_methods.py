@@ -123,6 +123,13 @@ def test_superand_twostage_with_clusters_auto(lake: Path, tmp_path: Path) -> Non
     runs = nested_runs(result)
     history = client.get_metric_history(runs["choose_k"].info.run_id, "choose_k/stability")
     assert sorted(m.step for m in history) == [2, 3, 4, 5]
+    # every head's held-out loss, training loss and smallest cluster share, per epoch
+    scan_run = runs["scan"].info.run_id
+    for h in range(2):
+        for name in ("val_loss", "loss", "min_share"):
+            steps = client.get_metric_history(scan_run, f"twostage/head_{h}_{name}")
+            assert [m.step for m in steps] == [1]
+    assert "twostage/head_1_selection_loss" in client.get_run(scan_run).data.metrics
     artifacts = {a.path for a in client.list_artifacts(runs["choose_k"].info.run_id)}
     assert {"cluster_count.png", "cluster_count.json"} <= artifacts
     assert Path(info["auto"]["plot"]).read_bytes().startswith(b"\x89PNG")

@@ -106,7 +106,9 @@ def test_scan_learns_easy_clusters_and_selflabel_keeps_them() -> None:
     )
     logs: list[EpochLog] = []
     result = train_scan(x, neighbors, backbone, cfg, progress=logs.append, probe=probe)
-    assert len(logs) == 25 and logs[-1].metrics["probe"] == 1.0 and len(probe_calls) == 25
+    assert len(logs) == 25 and logs[-1].metrics["probe"] == 1.0
+    assert len(probe_calls) == 25 * 3  # every head, every epoch
+    assert {f"head_{h}_probe" for h in range(3)} <= set(logs[-1].metrics)
     assert result.best_head == int(np.argmin(result.head_losses))
     assert len(result.model.cluster_heads.heads) == 1
     probs = predict_probabilities(result.model, x)

@@ -146,7 +146,9 @@ def test_assignment_learns_easy_clusters(method: str) -> None:
         method=method,
         probe=probe,  # type: ignore[arg-type]
     )
-    assert len(logs) == epochs and logs[0].stage == method and len(calls) == epochs
+    assert len(logs) == epochs and logs[0].stage == method
+    assert len(calls) == epochs * cfg.num_heads  # every head, every epoch
+    assert logs[-1].metrics["probe"] == 1.0 and "head_0_min_share" in logs[-1].metrics
     assert all(np.isfinite(log.metrics["loss"]) for log in logs)
     assert logs[-1].metrics["iic"] < logs[0].metrics["iic"]  # mutual information grows
     assert (logs[-1].metrics["cp"] > 0) == (method == "twostage")
