@@ -10,11 +10,13 @@ Rows (methods), each a mean and std over seeds:
   ``--pretext simclr,<method>``) the same rows with another pretext method of the registry
   (``scan_core.methods.PRETEXT``: ``rotnet``, SCAN Table 2; ``byol``; ``superand``),
 
-and, with ``--methods``, the rows of the second seed method and beyond (issue 7), all built on
-the same SimCLR pretext model:
+and, with ``--methods``, the rows of the second seed method and beyond:
 
-* ``twostage``          Han et al. 2020 class assignment (IIC + L_cp, Norm-FC heads),
-* ``iic``               IIC alone (Ji et al. 2019) on the same backbone,
+* ``twostage``          Han et al. 2020 as published: Super-AND pretext (official lr 0.03,
+  weight decay 5e-4), then class assignment (IIC + L_cp, Norm-FC heads) on its embedding, with
+  ``superand_pretext_kmeans`` beside it (K-means on the same Super-AND embedding),
+* ``twostage_simclr``   the same class assignment on the SimCLR pretext model,
+* ``iic``               IIC alone (Ji et al. 2019) on the SimCLR backbone,
 * ``scan_overcluster``  SCAN with 2x as many clusters as classes, many-to-one ACC,
 * ``auto_k``            the label-free choice of k (``scan_core.model_selection``), then SCAN at
   that k; ``chosen_k`` is in the row.
@@ -118,6 +120,7 @@ QUICK_SETTINGS: dict[str, Any] = {
     "selflabel.batch_size": 256,
     "selflabel.threshold": 0.7,
     "twostage.epochs": 2,
+    "superand.rounds": 2,
     "cluster_count.k_max": 8,
     "cluster_count.epochs": 5,
     "cluster_count.num_heads": 3,
@@ -199,8 +202,36 @@ def score(labels: np.ndarray, predictions: np.ndarray, seconds: float, **extra: 
     return Trial(m.acc, m.nmi, m.ari, seconds, dict(extra))
 
 
+def head_extras(result: Any) -> dict[str, float]:
+    """Which head was kept (the lowest held-out loss, label-free) and the last epoch's held-out
+    ACC of every head (the probe's; labels only report, they never choose)."""
+    last = result.history[-1].metrics if result.history else {}
+    accs = [v for k, v in sorted(last.items()) if k.startswith("head_") and k.endswith("_acc")]
+    extras = {"kept_head": float(result.best_head), "heads": float(len(result.head_losses))}
+    if accs:
+        extras["kept_head_val_acc"] = last.get(f"head_{result.best_head}_acc", float("nan"))
+        extras["best_head_val_acc"] = max(accs)
+        extras["worst_head_val_acc"] = min(accs)
+    return extras
+
+
+#: How each row's head was chosen (for the table's notes).
+HEAD_RULE = {"scan": "lowest held-out SCAN loss", "twostage": "lowest held-out IIC loss"}
+
+
 TABLE1 = ("kmeans_raw", "pretext_kmeans", "scan", "scan_selflabel")
-EXTRA = ("twostage", "iic", "scan_overcluster", "auto_k")
+EXTRA = ("twostage", "twostage_simclr", "iic", "scan_overcluster", "auto_k")
+
+#: The pretext each method's row is built on when it is not SimCLR: Han et al.'s two-stage
+#: method is Super-AND then stage 2 (``twostage``); ``twostage_simclr`` is stage 2 on SimCLR.
+METHOD_PRETEXT = {"twostage": "superand"}
+#: Pretext settings of a branch where the method's official values differ from SimCLR's
+#: (Super-AND, ``super_and.py``: SGD lr 0.03, weight decay 5e-4); ``--set`` does not change them.
+BRANCH_SETTINGS: dict[str, dict[str, Any]] = {
+    "superand": {"pretext.lr": 0.03, "pretext.weight_decay": 5e-4},
+}
+#: The pretext of every row measured in this process (rows of SimCLR are not listed).
+ROW_PRETEXT: dict[str, str] = {}
 WORK = Path(__file__).parent / ".work" / "quality"
 
 
@@ -281,9 +312,15 @@ def run_pretext_branch(
         print(f"  neighbour purity@{config.neighbors.k}: {purity:.4f}", flush=True)
         show = epoch_printer(f"seed {seed}")
 
+        def acc_probe(idx: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+            return {"acc": hungarian_accuracy(labels[idx], pred)}
+
         def add(method: str, trial: Trial, seed: int = seed) -> None:
-            trials[prefix + method].append(trial)
-            print(f"  {prefix}{method} seed {seed}: acc {trial.acc:.4f}", flush=True)
+            row = method if METHOD_PRETEXT.get(method) == name else prefix + method
+            if name != "simclr":
+                ROW_PRETEXT[row] = name
+            trials[row].append(trial)
+            print(f"  {row} seed {seed}: acc {trial.acc:.4f}", flush=True)
 
         if "pretext_kmeans" in methods:
             start = time.perf_counter()
@@ -294,10 +331,14 @@ def run_pretext_branch(
         if methods & {"scan", "scan_selflabel"}:
             start = time.perf_counter()
             scan_cfg = config.scan.model_copy(update={"seed": seed})
-            scan = train_scan(images, pre.mined.I, pre.model.backbone, scan_cfg, progress=show)
+            scan = train_scan(
+                images, pre.mined.I, pre.model.backbone, scan_cfg, progress=show, probe=acc_probe
+            )
             probs = predict_probabilities(scan.model, images, device=scan_cfg.device)
             scan_seconds = base + time.perf_counter() - start
-            add("scan", score(labels, probs.argmax(1), scan_seconds, neighbor_purity=purity))
+            trial = score(labels, probs.argmax(1), scan_seconds, neighbor_purity=purity)
+            trial.extra.update(head_extras(scan))
+            add("scan", trial)
             if "scan_selflabel" in methods:
                 start = time.perf_counter()
                 sl_cfg = config.selflabel.model_copy(update={"seed": seed})
@@ -321,8 +362,9 @@ def run_pretext_branch(
                     ),
                 )
 
-        for method in ("twostage", "iic"):
-            if method in methods:
+        for row_name in ("twostage", "twostage_simclr", "iic"):
+            if row_name in methods:
+                method = "twostage" if row_name.startswith("twostage") else row_name
                 start = time.perf_counter()
                 ts_cfg = options.twostage.model_copy(update={"seed": seed, "num_clusters": k})
                 result = train_twostage(
@@ -331,13 +373,13 @@ def run_pretext_branch(
                     ts_cfg,
                     progress=show,
                     method=method,
-                    embedding_head=pre.model.head,
+                    embedding_head=pre.model.embedding_head,
+                    probe=acc_probe,
                 )
                 probs = predict_probabilities(result.model, images, device=ts_cfg.device)
-                add(
-                    method,
-                    score(labels, probs.argmax(1), pre.seconds + time.perf_counter() - start),
-                )
+                trial = score(labels, probs.argmax(1), pre.seconds + time.perf_counter() - start)
+                trial.extra.update(head_extras(result))
+                add(row_name, trial)
 
         if "scan_overcluster" in methods:
             start = time.perf_counter()
@@ -405,11 +447,13 @@ def summarise(
         values = [r.extra[key] for r in runs]
         row[key] = (
             values[0]
-            if key in ("chosen_k", "num_clusters") and len(set(values)) == 1
+            if key in ("chosen_k", "num_clusters", "kept_head", "heads") and len(set(values)) == 1
             else round(statistics.fmean(values), 4)
         )
-        if key == "chosen_k":
-            row["chosen_ks"] = [int(v) for v in values]
+        if key in ("chosen_k", "kept_head"):
+            row[f"{key}s"] = [int(v) for v in values]
+    if method in ROW_PRETEXT:
+        row["pretext"] = ROW_PRETEXT[method]
     row["device"] = device
     row["run"] = run
     return row
@@ -438,6 +482,18 @@ def write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
             )
         if "chosen_k" in r:
             notes.append(f"chose k={r['chosen_ks']}; many-to-one ACC {r['many_to_one_acc']:.4f}")
+        if "pretext" in r:
+            notes.append(f"pretext {r['pretext']}")
+        if "kept_head" in r:
+            rule = HEAD_RULE["scan" if "scan" in r["method"] else "twostage"]
+            kept = ", ".join(str(h) for h in r.get("kept_heads", [r["kept_head"]]))
+            note = f"kept head {kept} of {r['heads']:.0f} ({rule})"
+            if "best_head_val_acc" in r:
+                note += (
+                    f"; held-out ACC of the kept head {r['kept_head_val_acc']:.3f}, of the "
+                    f"heads {r['worst_head_val_acc']:.3f}-{r['best_head_val_acc']:.3f}"
+                )
+            notes.append(note)
         if len(r.get("acc_per_seed", [])) > 1:
             notes.append("ACC per seed " + ", ".join(f"{v:.3f}" for v in r["acc_per_seed"]))
         lines.append(
@@ -515,6 +571,21 @@ def split_local(settings: dict[str, Any], section: str) -> dict[str, Any]:
     }
 
 
+def branch_methods(name: str, methods: set[str], requested: list[str]) -> set[str]:
+    """The methods a pretext branch runs: SimCLR's runs every method that needs no other
+    pretext; another pretext's branch runs the methods built on it (``twostage`` on Super-AND,
+    with its pretext K-means beside) and, when ``--pretext`` asked for it, the pretext rows
+    (``<name>_pretext_kmeans``, ``<name>_scan``, ``<name>_scan_selflabel``)."""
+    own = {m for m, pretext in METHOD_PRETEXT.items() if pretext == name and m in methods}
+    if name == "simclr":
+        return methods - {"kmeans_raw"} - set(METHOD_PRETEXT)
+    if own:
+        own.add("pretext_kmeans")
+    if name in requested:
+        own |= methods & {"pretext_kmeans", "scan", "scan_selflabel"}
+    return own
+
+
 def parse_methods(text: str) -> set[str]:
     methods = set()
     for name in filter(None, (m.strip() for m in text.split(","))):
@@ -574,6 +645,10 @@ def main(argv: list[str] | None = None) -> int:
     pretexts = [m.strip() for m in args.pretext.split(",") if m.strip()]
     if args.rotnet and "rotnet" not in pretexts:
         pretexts.append("rotnet")
+    requested = list(pretexts)
+    for method, pretext in METHOD_PRETEXT.items():  # e.g. twostage: Super-AND first
+        if method in methods and pretext not in pretexts:
+            pretexts.append(pretext)
     for name in pretexts:
         if name not in PRETEXT:
             raise SystemExit(f"unknown pretext method '{name}': choose from {', '.join(PRETEXT)}")
@@ -653,12 +728,10 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint()
 
     for name in pretexts:
-        if name == "simclr" and methods - {"kmeans_raw"}:
-            branch = config
-            run_pretext_branch(name, images, y, branch, seeds, methods, args, trials, checkpoint)
-        elif name != "simclr":
-            branch = config.with_overrides({"pretext.method": name})
-            own = methods & {"pretext_kmeans", "scan", "scan_selflabel"}
+        own = branch_methods(name, methods, requested)
+        if own:
+            settings = {"pretext.method": name, **BRANCH_SETTINGS.get(name, {})}
+            branch = config.with_overrides(settings)
             run_pretext_branch(name, images, y, branch, seeds, own, args, trials, checkpoint)
     checkpoint()
     for r in json.loads(json_path.read_text()):

@@ -26,6 +26,11 @@ def test_quick_run_writes_the_rows_and_merges_a_second_run(
         assert row["acc_per_seed"] == [row["acc"]]
     markdown = (tmp_path / "quality_quick.md").read_text()
     assert "| scan_selflabel |" in markdown and "Published numbers" in markdown
+    # the scan row says which head was kept, and the held-out ACC of the heads beside it
+    scan = rows[2]
+    assert 0 <= scan["kept_head"] < scan["heads"]
+    assert scan["worst_head_val_acc"] <= scan["kept_head_val_acc"] <= scan["best_head_val_acc"]
+    assert "kept head 0 of 1 (lowest held-out SCAN loss)" in markdown
 
     # a run of one more method keeps the earlier rows and adds its own (a reused pretext model)
     args = [*QUICK, "--methods", "scan_overcluster", "--reuse-pretext"]
@@ -36,3 +41,19 @@ def test_quick_run_writes_the_rows_and_merges_a_second_run(
     over = merged[-1]
     assert over["num_clusters"] == 12 and over["hungarian_acc"] <= over["acc"]
     assert "reused" in (tmp_path / "quality_quick.md").read_text()
+
+    # another pretext method of the registry: its rows are prefixed with its name
+    args = [*QUICK, "--methods", "pretext_kmeans", "--pretext", "byol", "--out", str(tmp_path)]
+    assert main(args) == 0
+    byol = json.loads((tmp_path / "quality_quick.json").read_text())[-1]
+    assert byol["method"] == "byol_pretext_kmeans" and 0.1 <= byol["acc"] <= 1
+    assert byol["run"]["pretext_methods"] == ["byol"]
+
+    # two-stage as published runs Super-AND first; stage 2 on SimCLR is a row of its own
+    args = [*QUICK, "--methods", "twostage,twostage_simclr", "--reuse-pretext"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "quality_quick.json").read_text())}
+    assert rows["twostage"]["pretext"] == rows["superand_pretext_kmeans"]["pretext"] == "superand"
+    assert "pretext" not in rows["twostage_simclr"]
+    assert rows["twostage"]["heads"] == rows["twostage_simclr"]["heads"] == 5
+    assert "(lowest held-out IIC loss)" in (tmp_path / "quality_quick.md").read_text()
