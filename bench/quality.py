@@ -66,6 +66,7 @@ import torch
 from scan_core.clustering import train_scan
 from scan_core.config import (
     ClusterCountConfig,
+    IICConfig,
     PipelineConfig,
     TwoStageConfig,
     resolve_device,
@@ -78,6 +79,7 @@ from scan_core.evaluation import (
     kmeans,
     many_to_one_accuracy,
 )
+from scan_core.iic import train_iic
 from scan_core.inference import compute_embeddings, predict_probabilities
 from scan_core.methods import PRETEXT, pretext_method
 from scan_core.model_selection import choose_num_clusters
@@ -120,6 +122,8 @@ QUICK_SETTINGS: dict[str, Any] = {
     "selflabel.batch_size": 256,
     "selflabel.threshold": 0.7,
     "twostage.epochs": 2,
+    "iic.epochs": 1,
+    "iic.repeats": 2,
     "superand.rounds": 2,
     "cluster_count.k_max": 8,
     "cluster_count.epochs": 5,
@@ -216,7 +220,11 @@ def head_extras(result: Any) -> dict[str, float]:
 
 
 #: How each row's head was chosen (for the table's notes).
-HEAD_RULE = {"scan": "lowest held-out SCAN loss", "twostage": "lowest held-out IIC loss"}
+HEAD_RULE = {
+    "scan": "lowest held-out SCAN loss",
+    "twostage": "lowest held-out IIC loss",
+    "iic": "lowest held-out IIC loss between the light and the heavy view",
+}
 
 
 TABLE1 = ("kmeans_raw", "pretext_kmeans", "scan", "scan_selflabel")
@@ -364,21 +372,28 @@ def run_pretext_branch(
 
         for row_name in ("twostage", "twostage_simclr", "iic"):
             if row_name in methods:
-                method = "twostage" if row_name.startswith("twostage") else row_name
                 start = time.perf_counter()
-                ts_cfg = options.twostage.model_copy(update={"seed": seed, "num_clusters": k})
-                result = train_twostage(
-                    images,
-                    pre.model.backbone,
-                    ts_cfg,
-                    progress=show,
-                    method=method,
-                    embedding_head=pre.model.embedding_head,
-                    probe=acc_probe,
-                )
-                probs = predict_probabilities(result.model, images, device=ts_cfg.device)
-                trial = score(labels, probs.argmax(1), pre.seconds + time.perf_counter() - start)
+                update = {"seed": seed, "num_clusters": k}
+                if row_name == "iic":
+                    iic_cfg = options.iic.model_copy(update=update)
+                    result = train_iic(
+                        images, pre.model.backbone, iic_cfg, progress=show, probe=acc_probe
+                    )
+                else:
+                    result = train_twostage(
+                        images,
+                        pre.model.backbone,
+                        options.twostage.model_copy(update=update),
+                        progress=show,
+                        embedding_head=pre.model.embedding_head,
+                        probe=acc_probe,
+                    )
+                pred = predict_probabilities(result.model, images, device=options.device).argmax(1)
+                trial = score(labels, pred, pre.seconds + time.perf_counter() - start)
                 trial.extra.update(head_extras(result))
+                trial.extra["smallest_cluster_share"] = float(
+                    np.bincount(pred, minlength=k).min() / len(pred)
+                )
                 add(row_name, trial)
 
         if "scan_overcluster" in methods:
@@ -474,6 +489,8 @@ def write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
         notes = []
         if "neighbor_purity" in r:
             notes.append(f"neighbour purity@{r['run']['k']} {r['neighbor_purity']:.3f}")
+        if "smallest_cluster_share" in r:
+            notes.append(f"smallest cluster {r['smallest_cluster_share']:.1%} of the images")
         if "confident_fraction" in r:
             notes.append(f"confident {r['confident_fraction']:.1%}")
         if r["method"] == "scan_overcluster":
@@ -485,7 +502,7 @@ def write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
         if "pretext" in r:
             notes.append(f"pretext {r['pretext']}")
         if "kept_head" in r:
-            rule = HEAD_RULE["scan" if "scan" in r["method"] else "twostage"]
+            rule = next(v for key, v in HEAD_RULE.items() if key in r["method"])
             kept = ", ".join(str(h) for h in r.get("kept_heads", [r["kept_head"]]))
             note = f"kept head {kept} of {r['heads']:.0f} ({rule})"
             if "best_head_val_acc" in r:
@@ -657,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     settings.update(parse_overrides(args.overrides))
     shown = dict(settings)
     args.twostage = TwoStageConfig(**{"device": args.device, **split_local(settings, "twostage")})
+    args.iic = IICConfig(**{"device": args.device, **split_local(settings, "iic")})
     args.cluster_count = ClusterCountConfig(**split_local(settings, "cluster_count"))
     for stage in ("pretext", "scan", "selflabel"):
         settings[f"{stage}.device"] = args.device

@@ -28,9 +28,10 @@ import numpy as np
 import torch
 
 from scan_core.byol import build_byol_model, train_byol
-from scan_core.clustering import train_scan
+from scan_core.clustering import ScanResult, train_scan
 from scan_core.config import (
     BYOLConfig,
+    IICConfig,
     KMeansClusteringConfig,
     PipelineConfig,
     PretextConfig,
@@ -39,6 +40,7 @@ from scan_core.config import (
     SuperANDConfig,
     TwoStageConfig,
 )
+from scan_core.iic import train_iic
 from scan_core.kmeans import build_kmeans_model, fit_kmeans
 from scan_core.models import ClusteringModel, PretextModel
 from scan_core.pretext import PretextResult, build_pretext_model, train_pretext
@@ -256,6 +258,17 @@ def _head_metrics(method: str, head_losses: list[float], best_head: int) -> dict
     return {**losses, f"{method}/best_head": float(best_head)}
 
 
+def _outcome(method: str, result: ScanResult) -> ClusteringOutcome:
+    """The outcome of a method that keeps the head with the lowest held-out loss."""
+    best = result.best_head
+    return ClusteringOutcome(
+        model=result.model,
+        history=result.history,
+        metrics=_head_metrics(method, result.head_losses, best),
+        summary={"best_head": best, "val_loss": result.head_losses[best]},
+    )
+
+
 def _train_scan(
     data: ClusteringData, settings: ScanConfig, progress: ProgressCallback | None
 ) -> ClusteringOutcome:
@@ -268,44 +281,35 @@ def _train_scan(
         progress=progress,
         init_model=data.init,
     )
-    best = result.best_head
-    return ClusteringOutcome(
-        model=result.model,
-        history=result.history,
-        metrics=_head_metrics("scan", result.head_losses, best),
-        summary={"best_head": best, "val_loss": result.head_losses[best]},
+    return _outcome("scan", result)
+
+
+def _train_twostage(
+    data: ClusteringData, settings: TwoStageConfig, progress: ProgressCallback | None
+) -> ClusteringOutcome:
+    assert data.images is not None  # needs
+    result = train_twostage(
+        data.images,
+        data.pretext.backbone,
+        settings,
+        progress=progress,
+        embedding_head=data.pretext.embedding_head,
     )
+    outcome = _outcome("twostage", result)
+    if isinstance(result.model.backbone, EmbeddingBackbone):
+        outcome.cluster_head = {
+            "kind": "normfc",
+            "temperature": settings.head_temperature,
+            "norm_axis": settings.head_norm_axis,
+        }
+    return outcome
 
 
-def _mutual_information(method: str) -> Callable[..., ClusteringOutcome]:
-    def train(
-        data: ClusteringData, settings: TwoStageConfig, progress: ProgressCallback | None
-    ) -> ClusteringOutcome:
-        assert data.images is not None  # needs
-        result = train_twostage(
-            data.images,
-            data.pretext.backbone,
-            settings,
-            progress=progress,
-            method="twostage" if method == "twostage" else "iic",
-            embedding_head=data.pretext.embedding_head,
-        )
-        net, best = result.model.backbone, result.best_head
-        outcome = ClusteringOutcome(
-            model=result.model,
-            history=result.history,
-            metrics=_head_metrics(method, result.head_losses, best),
-            summary={"best_head": best, "val_loss": result.head_losses[best]},
-        )
-        if method == "twostage" and isinstance(net, EmbeddingBackbone):
-            outcome.cluster_head = {
-                "kind": "normfc",
-                "temperature": settings.head_temperature,
-                "norm_axis": settings.head_norm_axis,
-            }
-        return outcome
-
-    return train
+def _train_iic(
+    data: ClusteringData, settings: IICConfig, progress: ProgressCallback | None
+) -> ClusteringOutcome:
+    assert data.images is not None  # needs
+    return _outcome("iic", train_iic(data.images, data.pretext.backbone, settings, progress))
 
 
 def _train_kmeans(
@@ -319,24 +323,6 @@ def _train_kmeans(
         model=model,
         metrics={"kmeans/inertia": result.inertia},
         summary={"inertia": result.inertia},
-    )
-
-
-def _twostage_settings(config: PipelineConfig, k: int) -> StageConfig:
-    return config.twostage_config(k)
-
-
-def _mutual_information_method(name: str, title: str) -> ClusteringMethod:
-    """Two-stage or IIC: the ``twostage`` section, the pixels, a key on pretext and images."""
-    return ClusteringMethod(
-        name=name,
-        title=title,
-        settings_class=TwoStageConfig,
-        settings_for=_twostage_settings,
-        needs=frozenset({"images"}),
-        key_inputs=("pretext", "images"),
-        train=_mutual_information(name),
-        modules=("scan_core.twostage", *_LOADS_PRETEXT_MODEL),
     )
 
 
@@ -361,11 +347,26 @@ CLUSTERING: dict[str, ClusteringMethod] = {
             warm_start=True,
             self_labels=True,
         ),
-        _mutual_information_method(
-            "twostage",
-            "two-stage (Han et al. 2020: IIC + consistency-preserving loss, Norm-FC heads)",
+        ClusteringMethod(
+            name="twostage",
+            title="two-stage (Han et al. 2020: IIC + consistency-preserving loss, Norm-FC heads)",
+            settings_class=TwoStageConfig,
+            settings_for=lambda c, k: c.twostage_config(k),
+            needs=frozenset({"images"}),
+            key_inputs=("pretext", "images"),
+            train=_train_twostage,
+            modules=("scan_core.twostage", *_LOADS_PRETEXT_MODEL),
         ),
-        _mutual_information_method("iic", "IIC"),
+        ClusteringMethod(
+            name="iic",
+            title="IIC (Ji et al. 2019: light/heavy views, overclustering head)",
+            settings_class=IICConfig,
+            settings_for=lambda c, k: c.iic_config(k),
+            needs=frozenset({"images"}),
+            key_inputs=("pretext", "images"),
+            train=_train_iic,
+            modules=("scan_core.iic", "scan_core.twostage", *_LOADS_PRETEXT_MODEL),
+        ),
         ClusteringMethod(
             name="kmeans",
             title="K-means on the pretext embeddings",

@@ -610,3 +610,101 @@ class StrongTransform(nn.Module):
                 out = apply_strong_op(x.index_select(0, rows), name, magnitudes[selected])
                 x.index_copy_(0, rows, out)
         return cutout(x, p.cutout_centers, p.cutout_lengths)
+
+
+class IICView(nn.Module):
+    """A view of IIC's own augmentation (Ji et al., ICCV 2019; the official greyscale transforms
+    of ``xu-ji/IIC``), as batched tensor ops.
+
+    The official MNIST views crop a 28-pixel image: the evaluation view is its centre 20 pixels,
+    the light view a 20-pixel crop (centre or random, half each), the heavy view a random crop of
+    16, 20 or 24 pixels after a rotation of up to 25 degrees (half of the time), with colour
+    jitter (brightness, contrast, saturation 0.4, hue 0.125) and no flip. Here the evaluation
+    view is the whole stored image, so every geometric setting is relative to it: ``scales`` are
+    crop sides as fractions of the image's side (the official heavy crops are 16/20, 20/20 and
+    24/20 of the evaluation view), and ``context`` is how far crops may reach around it (official
+    28/20 = 1.4); what lies outside the stored image repeats its border.
+
+    Args:
+        scales: Crop sides, one drawn uniformly per image.
+        context: Side of the area crops may come from, relative to the image (>= 1).
+        centre_p: Probability of a centred crop instead of a random position.
+        rotation: Largest rotation in degrees (before the crop, about the image centre).
+        rotation_p: Probability of rotating.
+        flip_p: Probability of a horizontal flip.
+        jitter: Brightness, contrast and saturation factors drawn from ``U(1 - jitter, 1 +
+            jitter)``, applied to every image (0: none).
+        hue: Hue shift drawn from ``U(-hue, hue)`` (colour images only).
+        size: Side of the output in pixels; ``None`` keeps the input size.
+    """
+
+    def __init__(
+        self,
+        scales: tuple[float, ...] = (1.0,),
+        context: float = 1.4,
+        centre_p: float = 0.0,
+        rotation: float = 0.0,
+        rotation_p: float = 0.5,
+        flip_p: float = 0.0,
+        jitter: float = 0.0,
+        hue: float = 0.0,
+        size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not scales or any(not 0 < s <= context for s in scales):
+            raise ValueError(f"scales must be crop sides in (0, context={context}], got {scales}")
+        if context < 1:
+            raise ValueError(f"context must be at least 1 (the whole image), got {context}")
+        for name, p in (("centre_p", centre_p), ("rotation_p", rotation_p), ("flip_p", flip_p)):
+            if not 0 <= p <= 1:
+                raise ValueError(f"{name} must be a probability, got {p}")
+        if not 0 <= rotation <= 180:
+            raise ValueError(f"rotation must be in [0, 180] degrees, got {rotation}")
+        if not 0 <= jitter <= 1 or not 0 <= hue <= 0.5:
+            raise ValueError(f"jitter must be in [0, 1] and hue in [0, 0.5], got {jitter}, {hue}")
+        if size is not None and size < 1:
+            raise ValueError(f"size must be a positive number of pixels or None, got {size}")
+        self.scales, self.context, self.centre_p = tuple(scales), context, centre_p
+        self.rotation, self.rotation_p, self.flip_p = rotation, rotation_p, flip_p
+        self.jitter, self.hue, self.size = jitter, hue, size
+
+    def make_params(self, n: int, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        choice = torch.randint(len(self.scales), (n,), generator=generator)
+        side = torch.tensor(self.scales)[choice]
+        reach = (self.context - side).clamp(min=0)  # how far the crop's centre may move
+        centred = torch.rand(n, generator=generator) < self.centre_p
+        shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * reach.unsqueeze(1)
+        rotate = torch.rand(n, generator=generator) < self.rotation_p
+        angle = _uniform(n, -self.rotation, self.rotation, generator) * rotate
+        j = self.jitter
+        return {
+            "side": side,
+            "shift": shift.masked_fill(centred.unsqueeze(1), 0.0),
+            "angle": angle,
+            "flip": torch.rand(n, generator=generator) < self.flip_p,
+            "brightness": _uniform(n, 1 - j, 1 + j, generator),
+            "contrast": _uniform(n, 1 - j, 1 + j, generator),
+            "saturation": _uniform(n, 1 - j, 1 + j, generator),
+            "hue": _uniform(n, -self.hue, self.hue, generator),
+        }
+
+    def forward(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        x = to_float(images)
+        p = self.make_params(x.shape[0], generator)
+        # output point u of the crop -> rotated-image point shift + side * u -> source pixel
+        rot = geometric_theta(angle_deg=p["angle"])[:, :, :2]
+        sign = 1.0 - 2.0 * p["flip"].float()
+        scale = torch.diag_embed(torch.stack([p["side"] * sign, p["side"]], dim=1))
+        theta = torch.cat([rot @ scale, (rot @ p["shift"].unsqueeze(2))], dim=2)
+        shape = list(x.shape) if self.size is None else [*x.shape[:2], self.size, self.size]
+        grid = F.affine_grid(theta.to(x), shape, align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if self.jitter > 0:
+            x = adjust_brightness(x, p["brightness"])
+            x = adjust_contrast(x, p["contrast"])
+            x = adjust_saturation(x, p["saturation"])
+        if self.hue > 0 and x.shape[1] == 3:
+            x = adjust_hue(x, p["hue"])
+        return normalize(x)

@@ -1,7 +1,7 @@
-"""Class assignment by mutual information: Han et al.'s stage 2 and IIC
-(docs/architecture.md, 'The method').
+"""Class assignment by mutual information: Han et al.'s stage 2 (docs/architecture.md,
+'The method'); IIC on its own recipe is :mod:`scan_core.iic`.
 
-``method="twostage"`` is stage 2 of Han et al., ECCV 2020 ("Mitigating Embedding and Class
+``twostage`` is stage 2 of Han et al., ECCV 2020 ("Mitigating Embedding and Class
 Assignment Mismatch in Unsupervised Image Classification"; official code ``main.py``): the
 pretrained network up to its L2-normalised 128-d embedding is refined while Norm-FC sub-heads
 (:class:`~scan_core.models.NormFCHead`, ``tau_c = 0.1``, random and frozen in the official code)
@@ -13,14 +13,9 @@ with ``L_assign`` the IIC loss on the two augmented views' predictions
 (:class:`~scan_core.losses.IICLoss`) and ``L_cp`` the consistency-preserving instance loss on the
 embedding (:class:`~scan_core.losses.ConsistencyPreservingLoss`, tau 0.1).
 
-``method="iic"`` is IIC alone (Ji et al., ICCV 2019): plain linear sub-heads on the backbone
-features trained with the IIC loss, optionally alternating each epoch with an overclustering head
-(IIC's head A, ``config.overcluster`` outputs) as the IIC paper does; the overclustering head only
-shapes the features and is discarded.
-
-Both return a :class:`~scan_core.clustering.ScanResult` whose model is a plain
-:class:`~scan_core.models.ClusteringModel` (for ``twostage`` its backbone is the pretext backbone
-followed by the embedding head, :class:`EmbeddingBackbone`), so prediction
+It returns a :class:`~scan_core.clustering.ScanResult` whose model is a plain
+:class:`~scan_core.models.ClusteringModel` (its backbone is the pretext backbone followed by the
+embedding head, :class:`EmbeddingBackbone`), so prediction
 (:func:`scan_core.inference.predict_probabilities`) and self-labeling work unchanged. As in
 :func:`scan_core.clustering.train_scan`, a random ``config.val_fraction`` of the images is held
 out and the sub-head with the lowest held-out IIC loss is kept.
@@ -30,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Literal
 
 import numpy as np
 import torch
@@ -40,7 +34,7 @@ from torch import nn
 from scan_core.clustering import ScanResult, ValidationProbe, head_report, split_validation
 from scan_core.config import TwoStageConfig, resolve_device
 from scan_core.losses import ConsistencyPreservingLoss, IICLoss
-from scan_core.models import Backbone, ClusterHeads, ClusteringModel, EmbeddingHead, NormFCHead
+from scan_core.models import Backbone, ClusteringModel, EmbeddingHead, NormFCHead
 from scan_core.training import (
     EpochTimer,
     ProgressCallback,
@@ -52,8 +46,6 @@ from scan_core.training import (
 from scan_core.transforms import IdentityTransform, SimCLRTransform
 
 logger = logging.getLogger(__name__)
-
-AssignmentMethod = Literal["twostage", "iic"]
 
 
 class EmbeddingBackbone(Backbone):
@@ -78,36 +70,28 @@ class EmbeddingBackbone(Backbone):
 def build_assignment_model(
     backbone: Backbone,
     config: TwoStageConfig,
-    method: AssignmentMethod,
     embedding_head: nn.Module | None = None,
 ) -> ClusteringModel:
-    """The network to train: copies of ``backbone`` (and ``embedding_head``) + cluster heads.
-
-    ``twostage``: ``EmbeddingBackbone(backbone, embedding_head)`` + :class:`NormFCHead` (frozen
-    when ``config.freeze_heads``); a fresh :class:`EmbeddingHead` to ``config.feature_dim`` when
-    no head is given. ``iic``: ``backbone`` + linear :class:`ClusterHeads`.
-    """
-    if method == "twostage":
-        head = (
-            copy.deepcopy(embedding_head)
-            if embedding_head is not None
-            else EmbeddingHead(backbone.out_dim, config.feature_dim)
-        )
-        net = EmbeddingBackbone(copy.deepcopy(backbone), head)
-        model = ClusteringModel(net, config.num_clusters, config.num_heads)
-        model.cluster_heads = NormFCHead(
-            net.out_dim,
-            config.num_clusters,
-            config.num_heads,
-            config.head_temperature,
-            config.head_norm_axis,
-        )
-        if config.freeze_heads:
-            model.cluster_heads.requires_grad_(False)
-        return model
-    if method == "iic":
-        return ClusteringModel(copy.deepcopy(backbone), config.num_clusters, config.num_heads)
-    raise ValueError(f"Unknown class-assignment method '{method}': choose twostage or iic.")
+    """The network to train: ``EmbeddingBackbone(backbone, embedding_head)`` (copies) +
+    :class:`NormFCHead` (frozen when ``config.freeze_heads``); a fresh :class:`EmbeddingHead` to
+    ``config.feature_dim`` when no head is given."""
+    head = (
+        copy.deepcopy(embedding_head)
+        if embedding_head is not None
+        else EmbeddingHead(backbone.out_dim, config.feature_dim)
+    )
+    net = EmbeddingBackbone(copy.deepcopy(backbone), head)
+    model = ClusteringModel(net, config.num_clusters, config.num_heads)
+    model.cluster_heads = NormFCHead(
+        net.out_dim,
+        config.num_clusters,
+        config.num_heads,
+        config.head_temperature,
+        config.head_norm_axis,
+    )
+    if config.freeze_heads:
+        model.cluster_heads.requires_grad_(False)
+    return model
 
 
 def iic_validation_losses(
@@ -119,13 +103,16 @@ def iic_validation_losses(
     device: str,
     seed: int,
     batch_size: int = 1024,
+    second: nn.Module | None = None,
 ) -> tuple[list[float], np.ndarray]:
     """IIC loss per head on held-out images, and their argmax predictions ``(H, n_val)``.
 
     The joint distribution is accumulated over the whole held-out set from two augmented views
-    drawn with a generator seeded by ``seed`` (the same views every epoch, so the losses of
-    different epochs and heads are comparable); predictions use the un-augmented images.
+    (``augment`` and ``second``, default ``augment`` again) drawn with a generator seeded by
+    ``seed`` (the same views every epoch, so the losses of different epochs and heads are
+    comparable); predictions use the un-augmented images.
     """
+    other = second if second is not None else augment
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     identity = IdentityTransform()
@@ -136,7 +123,7 @@ def iic_validation_losses(
             idx = torch.as_tensor(val_indices[start : start + batch_size])
             x = images[idx].to(device)
             n = len(idx)
-            views = torch.cat([augment(x, generator), augment(x, generator), identity(x)])
+            views = torch.cat([augment(x, generator), other(x, generator), identity(x)])
             probs = F.softmax(model(views.contiguous(memory_format=torch.channels_last)), dim=2)
             batch_joint = probs[:, :n].transpose(1, 2) @ probs[:, n : 2 * n]  # (H, C, C)
             joints = batch_joint if joints is None else joints + batch_joint
@@ -153,27 +140,25 @@ def train_twostage(
     backbone: Backbone,
     config: TwoStageConfig,
     progress: ProgressCallback | None = None,
-    method: AssignmentMethod = "twostage",
     *,
     embedding_head: nn.Module | None = None,
     probe: ValidationProbe | None = None,
 ) -> ScanResult:
-    """Train class assignment with the IIC loss (+ ``L_cp`` for ``twostage``) on uint8 images.
+    """Train Han et al.'s stage 2 (the IIC loss + ``L_cp``) on uint8 images.
 
     Each step draws two :class:`SimCLRTransform` views of a batch (the official two-stage code
     uses its pretext augmentation for both views), embeds them, and minimises the IIC loss
-    averaged over the sub-heads, plus ``config.cp_weight * L_cp`` on the embeddings for
-    ``twostage``. With ``config.overcluster > 0`` every epoch first makes one pass with an
-    overclustering head of that many clusters, then one with the main heads (IIC's alternation).
-    The learning rate follows a cosine schedule (the official code uses steps).
+    averaged over the sub-heads, plus ``config.cp_weight * L_cp`` on the embeddings. With
+    ``config.overcluster > 0`` every epoch first makes one pass with an overclustering head of
+    that many clusters, then one with the main heads (IIC's alternation). The learning rate
+    follows a cosine schedule (the official code uses steps).
 
     Args:
         images: uint8 ``(N, C, H, W)``.
         backbone: The pretext backbone; it is copied, never modified.
         config: Settings (official two-stage defaults in :class:`TwoStageConfig`).
         progress: Called after every epoch.
-        method: ``"twostage"`` (Han et al.) or ``"iic"`` (Ji et al.).
-        embedding_head: For ``twostage``, the pretext model's embedding head (its output is
+        embedding_head: The pretext model's embedding head (its output is
             L2-normalised and refined); ``pretext_model.head`` for SimCLR or Super-AND.
         probe: Optional ``(val_indices, val_predictions) -> metrics``, called for every head
             after each epoch (:func:`scan_core.clustering.head_report`).
@@ -188,27 +173,21 @@ def train_twostage(
     n = images.shape[0]
     if config.num_clusters > n:
         raise ValueError(f"cannot form {config.num_clusters} clusters from {n} images")
-    if method not in ("twostage", "iic"):
-        raise ValueError(f"Unknown class-assignment method '{method}': choose twostage or iic.")
     device = resolve_device(config.device)
     generator = seed_everything(config.seed)
-    model = build_assignment_model(backbone, config, method, embedding_head)
+    model = build_assignment_model(backbone, config, embedding_head)
     passes: list[nn.Module] = [model.cluster_heads]
     if config.overcluster > 0:
-        over: ClusterHeads
-        if method == "twostage":
-            over = NormFCHead(
-                model.backbone.out_dim,
-                config.overcluster,
-                config.num_heads,
-                config.head_temperature,
-                config.head_norm_axis,
-            )
-            if config.freeze_heads:
-                over.requires_grad_(False)
-        else:
-            over = ClusterHeads(model.backbone.out_dim, config.overcluster, config.num_heads)
-        passes = [over, model.cluster_heads]  # IIC trains head A (overclustering) first
+        over = NormFCHead(
+            model.backbone.out_dim,
+            config.overcluster,
+            config.num_heads,
+            config.head_temperature,
+            config.head_norm_axis,
+        )
+        if config.freeze_heads:
+            over.requires_grad_(False)
+        passes = [over, model.cluster_heads]  # the overclustering head first
     modules = nn.ModuleList([model, *passes[:-1]]).to(device).to(memory_format=torch.channels_last)
     params = [p for p in modules.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer
@@ -227,7 +206,7 @@ def train_twostage(
     cp = ConsistencyPreservingLoss(config.cp_temperature)
     train_idx, val_idx = split_validation(n, config.val_fraction, generator)
     batch_size = min(config.batch_size, len(train_idx))
-    timer = EpochTimer(method, config.epochs, progress)
+    timer = EpochTimer("twostage", config.epochs, progress)
     head_losses: list[float] = []
     for epoch in range(config.epochs):
         timer.start()
@@ -248,7 +227,7 @@ def train_twostage(
                 loss_mi = head_mi.mean()
                 loss = loss_mi
                 loss_cp = torch.zeros((), device=device)
-                if method == "twostage" and config.cp_weight > 0:
+                if config.cp_weight > 0:
                     loss_cp = cp(emb[:b], emb[b:])
                     loss = loss + config.cp_weight * loss_cp
                 optimizer.zero_grad(set_to_none=True)

@@ -9,7 +9,8 @@ the methods share the stages and differ in the losses plugged into them (docs/ar
 - ``twostage``: Han et al.'s stage 2, IIC + ``L_cp`` with Norm-FC heads on the pretext embedding
   (the pretext model's embedding head is refined; RotNet and BYOL have none, so a fresh one is
   trained);
-- ``iic``: IIC alone, linear heads on the backbone;
+- ``iic``: IIC on its authors' recipe (light/heavy views, an overclustering head alternated with
+  the main one), linear heads on the pretext backbone;
 - ``kmeans``: K-means centroids on the embed stage's embeddings, as a nearest-centroid head on the
   pretext embedding network.
 
@@ -61,7 +62,7 @@ def method_settings(config: PipelineConfig, num_clusters: int) -> StageConfig:
     except ValidationError as exc:
         raise ScanLakeError(
             f"{method.name} settings do not fit {num_clusters} clusters "
-            f"({exc.errors()[0]['msg']}): fix twostage.overcluster."
+            f"({exc.errors()[0]['msg']}): fix the {method.name} section."
         ) from exc
 
 

@@ -49,11 +49,19 @@ def test_quick_run_writes_the_rows_and_merges_a_second_run(
     assert byol["method"] == "byol_pretext_kmeans" and 0.1 <= byol["acc"] <= 1
     assert byol["run"]["pretext_methods"] == ["byol"]
 
-    # two-stage as published runs Super-AND first; stage 2 on SimCLR is a row of its own
-    args = [*QUICK, "--methods", "twostage,twostage_simclr", "--reuse-pretext"]
+    # two-stage as published runs Super-AND first; stage 2 on SimCLR is a row of its own; IIC
+    # runs on its own recipe; their rows say how small their smallest cluster is
+    args = [*QUICK, "--methods", "twostage,twostage_simclr,iic", "--reuse-pretext"]
     assert main([*args, "--out", str(tmp_path)]) == 0
     rows = {r["method"]: r for r in json.loads((tmp_path / "quality_quick.json").read_text())}
     assert rows["twostage"]["pretext"] == rows["superand_pretext_kmeans"]["pretext"] == "superand"
-    assert "pretext" not in rows["twostage_simclr"]
-    assert rows["twostage"]["heads"] == rows["twostage_simclr"]["heads"] == 5
-    assert "(lowest held-out IIC loss)" in (tmp_path / "quality_quick.md").read_text()
+    assert "pretext" not in rows["twostage_simclr"] and "pretext" not in rows["iic"]
+    assert (
+        rows["twostage"]["heads"] == rows["twostage_simclr"]["heads"] == rows["iic"]["heads"] == 5
+    )
+    for name in ("twostage", "twostage_simclr", "iic"):
+        assert 0 <= rows[name]["smallest_cluster_share"] <= 0.1
+    markdown = (tmp_path / "quality_quick.md").read_text()
+    assert "(lowest held-out IIC loss)" in markdown
+    assert "(lowest held-out IIC loss between the light and the heavy view)" in markdown
+    assert "smallest cluster" in markdown

@@ -55,7 +55,7 @@ def test_twostage_takes_the_number_of_clusters_from_scan() -> None:
     assert set(TwoStageConfig.model_fields) == set(TwoStageSettings.model_fields) | {"num_clusters"}
     with pytest.raises(ValidationError, match=r"twostage.overcluster \(4\) must exceed"):
         PipelineConfig().with_overrides(
-            {"clustering.method": "iic", "scan.num_clusters": 4, "twostage.overcluster": 4}
+            {"clustering.method": "twostage", "scan.num_clusters": 4, "twostage.overcluster": 4}
         )
     with pytest.raises(ValidationError, match="clustering.method"):
         PipelineConfig.model_validate({"clustering": {"method": "dbscan"}})

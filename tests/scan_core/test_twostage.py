@@ -1,4 +1,4 @@
-"""Norm-FC heads and the two-stage / IIC class-assignment loop on tiny synthetic images."""
+"""Norm-FC heads and the two-stage class-assignment loop on tiny synthetic images."""
 
 import numpy as np
 import pytest
@@ -88,17 +88,14 @@ def test_embedding_head_and_backbone_are_unit_norm() -> None:
 def test_assignment_models() -> None:
     backbone = SmallCNNBackbone(1, width=2)
     cfg = TwoStageConfig(num_clusters=3, num_heads=2, feature_dim=6)
-    two = build_assignment_model(backbone, cfg, "twostage")
+    two = build_assignment_model(backbone, cfg)
     assert isinstance(two, ClusteringModel) and isinstance(two.cluster_heads, NormFCHead)
     assert two.backbone.out_dim == 6
     assert not any(p.requires_grad for p in two.cluster_heads.parameters())  # official: frozen
     assert two(torch.randn(4, 1, 16, 16)).shape == (2, 4, 3)
     two.keep_head(1)
     assert two(torch.randn(4, 1, 16, 16)).shape == (1, 4, 3)
-    iic = build_assignment_model(backbone, cfg, "iic")
-    assert type(iic.cluster_heads) is ClusterHeads and iic.backbone is not backbone
-    with pytest.raises(ValueError, match="twostage or iic"):
-        build_assignment_model(backbone, cfg, "scan")  # type: ignore[arg-type]
+    assert two.backbone.backbone is not backbone  # a copy
 
 
 def test_config_validates_overclustering() -> None:
@@ -107,26 +104,19 @@ def test_config_validates_overclustering() -> None:
     assert TwoStageConfig(num_clusters=10, overcluster=20).overcluster == 20
 
 
-@pytest.mark.parametrize("method", ["twostage", "iic"])
-def test_assignment_learns_easy_clusters(method: str) -> None:
+def test_twostage_learns_easy_clusters() -> None:
     x, y = synthetic(24)
-    if method == "iic":
-        # IIC from a random backbone often stalls with two of three classes merged (its
-        # all-in-one-cluster and merged states are stationary points), so it gets two classes
-        keep = y < 2
-        x, y = x[torch.as_tensor(keep)], y[keep]
     torch.manual_seed(0)
     backbone = SmallCNNBackbone(1, width=8)
     k = int(y.max()) + 1
-    epochs = 15 if method == "twostage" else 8
+    epochs = 15
     cfg = TwoStageConfig(
         num_clusters=k,
-        num_heads=5 if method == "twostage" else 3,
-        overcluster=0 if method == "twostage" else 2 * k,
+        num_heads=5,
         epochs=epochs,
-        batch_size=32 if method == "twostage" else 16,
+        batch_size=32,
         optimizer="adam",
-        lr=1e-2 if method == "twostage" else 3e-3,
+        lr=1e-2,
         crop_scale_min=0.8,
         color_jitter=0.0,
         seed=0,
@@ -143,22 +133,20 @@ def test_assignment_learns_easy_clusters(method: str) -> None:
         backbone,
         cfg,
         progress=logs.append,
-        method=method,
         probe=probe,  # type: ignore[arg-type]
     )
-    assert len(logs) == epochs and logs[0].stage == method
+    assert len(logs) == epochs and logs[0].stage == "twostage"
     assert len(calls) == epochs * cfg.num_heads  # every head, every epoch
     assert logs[-1].metrics["probe"] == 1.0 and "head_0_min_share" in logs[-1].metrics
     assert all(np.isfinite(log.metrics["loss"]) for log in logs)
     assert logs[-1].metrics["iic"] < logs[0].metrics["iic"]  # mutual information grows
-    assert (logs[-1].metrics["cp"] > 0) == (method == "twostage")
+    assert logs[-1].metrics["cp"] > 0
     assert result.best_head == int(np.argmin(result.head_losses))
     assert len(result.head_losses) == cfg.num_heads
     assert len(result.model.cluster_heads.heads) == 1
     # held-out mutual information grows; two-stage's sharp Norm-FC heads get close to log k
     assert logs[-1].metrics["val_loss"] < logs[0].metrics["val_loss"]
-    if method == "twostage":
-        assert -result.head_losses[result.best_head] > 0.8 * np.log(k)
+    assert -result.head_losses[result.best_head] > 0.8 * np.log(k)
     probs = predict_probabilities(result.model, x)
     assert probs.shape == (len(y), k) and np.allclose(probs.sum(1), 1, atol=1e-5)
     assert hungarian_accuracy(y, probs.argmax(1)) >= 0.9
@@ -188,13 +176,6 @@ def test_twostage_validates() -> None:
         train_twostage(x.float(), SmallCNNBackbone(1, 2), TwoStageConfig(epochs=1))
     with pytest.raises(ValueError, match="clusters"):
         train_twostage(x, SmallCNNBackbone(1, 2), TwoStageConfig(num_clusters=10, epochs=1))
-    with pytest.raises(ValueError, match="twostage or iic"):
-        train_twostage(
-            x,
-            SmallCNNBackbone(1, 2),
-            TwoStageConfig(num_clusters=2, epochs=1),
-            method="kmeans",  # type: ignore[arg-type]
-        )
 
 
 def test_overclustering_k20_is_scored_many_to_one() -> None:
