@@ -243,6 +243,17 @@ def scaled_size(image_size: int, scale: float, minimum: int = 8) -> int | None:
 # ----------------------------------------------------------------------------- transforms
 
 
+def _check_view(size: int | None, jitter: float, hue: float, **probabilities: float) -> None:
+    """Validate the settings views share: output size, colour jitter and probabilities."""
+    if size is not None and size < 1:
+        raise ValueError(f"size must be a positive number of pixels or None, got {size}")
+    for name, p in probabilities.items():
+        if not 0 <= p <= 1:
+            raise ValueError(f"{name} must be a probability, got {p}")
+    if not 0 <= jitter <= 1 or not 0 <= hue <= 0.5:
+        raise ValueError(f"jitter must be in [0, 1] and hue in [0, 0.5], got {jitter}, {hue}")
+
+
 class SimCLRTransform(nn.Module):
     """One SimCLR view (Chen et al. 2020, Appendix A; SCAN's CIFAR settings).
 
@@ -270,13 +281,7 @@ class SimCLRTransform(nn.Module):
         super().__init__()
         if not 0 < crop_scale_min <= 1:
             raise ValueError(f"crop_scale_min must be in (0, 1], got {crop_scale_min}")
-        if size is not None and size < 1:
-            raise ValueError(f"size must be a positive number of pixels or None, got {size}")
-        for name, p in (("jitter_p", jitter_p), ("grayscale_p", grayscale_p), ("flip_p", flip_p)):
-            if not 0 <= p <= 1:
-                raise ValueError(f"{name} must be a probability, got {p}")
-        if not 0 <= jitter <= 1 or not 0 <= hue <= 0.5:
-            raise ValueError(f"jitter must be in [0, 1] and hue in [0, 0.5], got {jitter}, {hue}")
+        _check_view(size, jitter, hue, jitter_p=jitter_p, grayscale_p=grayscale_p, flip_p=flip_p)
         self.crop_scale_min = crop_scale_min
         self.jitter, self.hue = jitter, hue
         self.jitter_p, self.grayscale_p, self.flip_p = jitter_p, grayscale_p, flip_p
@@ -655,15 +660,9 @@ class IICView(nn.Module):
             raise ValueError(f"scales must be crop sides in (0, context={context}], got {scales}")
         if context < 1:
             raise ValueError(f"context must be at least 1 (the whole image), got {context}")
-        for name, p in (("centre_p", centre_p), ("rotation_p", rotation_p), ("flip_p", flip_p)):
-            if not 0 <= p <= 1:
-                raise ValueError(f"{name} must be a probability, got {p}")
         if not 0 <= rotation <= 180:
             raise ValueError(f"rotation must be in [0, 180] degrees, got {rotation}")
-        if not 0 <= jitter <= 1 or not 0 <= hue <= 0.5:
-            raise ValueError(f"jitter must be in [0, 1] and hue in [0, 0.5], got {jitter}, {hue}")
-        if size is not None and size < 1:
-            raise ValueError(f"size must be a positive number of pixels or None, got {size}")
+        _check_view(size, jitter, hue, centre_p=centre_p, rotation_p=rotation_p, flip_p=flip_p)
         self.scales, self.context, self.centre_p = tuple(scales), context, centre_p
         self.rotation, self.rotation_p, self.flip_p = rotation, rotation_p, flip_p
         self.jitter, self.hue, self.size = jitter, hue, size
