@@ -43,7 +43,7 @@ from scan_core.training import (
     seed_everything,
 )
 from scan_core.transforms import IICView
-from scan_core.twostage import iic_validation_losses
+from scan_core.twostage import check_assignment_inputs, iic_validation_losses
 
 logger = logging.getLogger(__name__)
 
@@ -92,17 +92,6 @@ def iic_step_loss(
     return torch.stack([criterion(a, h) for a, h in zip(paired, logits[:, b:], strict=True)])
 
 
-def _check_inputs(images: torch.Tensor, config: IICConfig) -> None:
-    if images.dim() != 4 or images.dtype != torch.uint8:
-        raise ValueError(
-            f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
-        )
-    if config.num_clusters > images.shape[0]:
-        raise ValueError(
-            f"cannot form {config.num_clusters} clusters from {images.shape[0]} images"
-        )
-
-
 def train_iic(
     images: torch.Tensor,
     backbone: Backbone,
@@ -130,7 +119,7 @@ def train_iic(
         A :class:`ScanResult` (best sub-head kept); ``head_losses`` are held-out IIC losses
         between the light and the heavy view.
     """
-    _check_inputs(images, config)
+    check_assignment_inputs(images, config.num_clusters)
     device = resolve_device(config.device)
     dtype = resolve_precision(config.precision, device)
     generator = seed_everything(config.seed)

@@ -135,6 +135,17 @@ def iic_validation_losses(
     return losses, torch.cat(predictions, dim=1).numpy()
 
 
+def check_assignment_inputs(images: torch.Tensor, num_clusters: int) -> None:
+    """Raise ValueError unless ``images`` are uint8 ``(N, C, H, W)`` with at least
+    ``num_clusters`` of them (two-stage and IIC training)."""
+    if images.dim() != 4 or images.dtype != torch.uint8:
+        raise ValueError(
+            f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
+        )
+    if num_clusters > images.shape[0]:
+        raise ValueError(f"cannot form {num_clusters} clusters from {images.shape[0]} images")
+
+
 def train_twostage(
     images: torch.Tensor,
     backbone: Backbone,
@@ -166,13 +177,8 @@ def train_twostage(
     Returns:
         A :class:`ScanResult` (best head kept); ``head_losses`` are held-out IIC losses.
     """
-    if images.dim() != 4 or images.dtype != torch.uint8:
-        raise ValueError(
-            f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
-        )
+    check_assignment_inputs(images, config.num_clusters)
     n = images.shape[0]
-    if config.num_clusters > n:
-        raise ValueError(f"cannot form {config.num_clusters} clusters from {n} images")
     device = resolve_device(config.device)
     generator = seed_everything(config.seed)
     model = build_assignment_model(backbone, config, embedding_head)
