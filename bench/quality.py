@@ -698,7 +698,9 @@ def main(argv: list[str] | None = None) -> int:
     trials: dict[str, list[Trial]] = defaultdict(list)
     run = {
         "methods": sorted(methods, key=(TABLE1 + EXTRA).index),
-        "pretext_methods": pretexts,
+        # only the pretexts a row is built on (the default SimCLR is not trained for a
+        # --methods twostage run)
+        "pretext_methods": [n for n in pretexts if branch_methods(n, methods, requested)],
         "n_images": len(y),
         "clusters": k,
         "device": device_name,
