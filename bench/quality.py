@@ -530,7 +530,7 @@ def write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
             f"## Run {number}: {', '.join(run['methods'])}"
             + (
                 f" (pretext: {', '.join(run['pretext_methods'])})"
-                if run.get("pretext_methods", ["simclr"]) != ["simclr"]
+                if run.get("pretext_methods", ["simclr"]) not in ([], ["simclr"])
                 else ""
             ),
             "",

@@ -65,3 +65,13 @@ def test_quick_run_writes_the_rows_and_merges_a_second_run(
     assert "(lowest held-out IIC loss)" in markdown
     assert "(lowest held-out IIC loss between the light and the heavy view)" in markdown
     assert "smallest cluster" in markdown
+    assert rows["twostage"]["run"]["pretext_methods"] == ["simclr", "superand"]
+
+    # a run's header names only the pretexts its rows were built on: none for pixels
+    assert main([*QUICK, "--methods", "kmeans_raw", "--out", str(tmp_path)]) == 0
+    pixels = json.loads((tmp_path / "quality_quick.json").read_text())[0]
+    assert pixels["method"] == "kmeans_raw" and pixels["run"]["pretext_methods"] == []
+    markdown = (tmp_path / "quality_quick.md").read_text()
+    headers = [line for line in markdown.splitlines() if line.startswith("## Run ")]
+    assert any(line.endswith(": kmeans_raw") for line in headers)
+    assert "(pretext: )" not in markdown
