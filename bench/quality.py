@@ -669,6 +669,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in pretexts:
         if name not in PRETEXT:
             raise SystemExit(f"unknown pretext method '{name}': choose from {', '.join(PRETEXT)}")
+    # the pretexts that train, each with the methods it runs (a --methods twostage run does not
+    # train the default SimCLR)
+    branches = {n: own for n in pretexts if (own := branch_methods(n, methods, requested))}
 
     settings = dict(QUICK_SETTINGS if args.quick else FULL_SETTINGS)
     settings.update(parse_overrides(args.overrides))
@@ -698,9 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     trials: dict[str, list[Trial]] = defaultdict(list)
     run = {
         "methods": sorted(methods, key=(TABLE1 + EXTRA).index),
-        # only the pretexts a row is built on (the default SimCLR is not trained for a
-        # --methods twostage run)
-        "pretext_methods": [n for n in pretexts if branch_methods(n, methods, requested)],
+        "pretext_methods": list(branches),
         "n_images": len(y),
         "clusters": k,
         "device": device_name,
@@ -747,12 +748,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kmeans_raw seed {seed}: acc {trials['kmeans_raw'][-1].acc:.4f}", flush=True)
         checkpoint()
 
-    for name in pretexts:
-        own = branch_methods(name, methods, requested)
-        if own:
-            settings = {"pretext.method": name, **BRANCH_SETTINGS.get(name, {})}
-            branch = config.with_overrides(settings)
-            run_pretext_branch(name, images, y, branch, seeds, own, args, trials, checkpoint)
+    for name, own in branches.items():
+        settings = {"pretext.method": name, **BRANCH_SETTINGS.get(name, {})}
+        branch = config.with_overrides(settings)
+        run_pretext_branch(name, images, y, branch, seeds, own, args, trials, checkpoint)
     checkpoint()
     for r in json.loads(json_path.read_text()):
         print(
